@@ -85,15 +85,54 @@ def datasets() -> None:
 @app.command()
 @one_line_errors
 def bench(
-    model: str = typer.Option("smollm2-135m-instruct", help="Model alias, hub id or path"),
-    prompts: int = typer.Option(32, help="Number of prompts"),
-    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt"),
-    batch_size: int = typer.Option(16, help="Batch size of the batched path"),
+    task: str = typer.Option("generation", help="generation or training"),
+    model: str = typer.Option(
+        "tiny-llama", help="llama-3.2-1b, llama-3.1-8b or tiny-llama (random weights), or a model alias, hub id or path"
+    ),
+    batch: str = typer.Option("16", help="Batch sizes to try, e.g. 128,256 (generation: both paths; training: one)"),
+    prompts: int = typer.Option(32, help="Generation: number of prompts"),
+    prompt_tokens: str = typer.Option("64", help="Generation, random weights: prompt length, or a range like 32-96"),
+    max_new_tokens: int = typer.Option(256, help="Generation: the longest reply"),
+    lengths: str = typer.Option(
+        "mix", help="mix (realistic reply/example lengths), fixed, or natural (generation: stop at the model's EOS)"
+    ),
+    decoding: str = typer.Option("greedy", help="greedy, sampled (temperature 0.7, min-p 0.1) or both"),
+    seq_len: int = typer.Option(512, help="Training: longest example (and packed row) in tokens"),
+    steps: int = typer.Option(6, help="Training: timed optimizer steps (after 2 warm-up steps)"),
+    checkpointing: bool = typer.Option(False, help="Training: gradient checkpointing for the plain path"),
+    micro_tokens: int = typer.Option(0, help="Training: harness micro-batch size in tokens (0: the whole batch)"),
+    compile: bool = typer.Option(False, help="Training: torch.compile the harness path's decoder layers"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"),
+    json_path: Path = typer.Option(None, "--json", help="Where to write the JSON result (default outputs/bench-...)"),
 ) -> None:
-    """Benchmark batched evaluation generation against a one-prompt-at-a-time loop; prints the ratio."""
-    from harness.bench import bench_generation
+    """Harness fast path against the plain baseline in one process: tokens/s, ratio, peak memory; table and JSON."""
+    from harness.bench import bench_generation, bench_training, report
 
-    bench_generation(model_spec=model, n_prompts=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    try:
+        batches = [int(b) for b in batch.split(",")]
+    except ValueError:
+        raise HarnessError(f"batch must be comma-separated integers, got {batch!r}") from None
+    options = {"device": None if device == "auto" else device, "dtype": None if dtype == "auto" else dtype}
+    if task == "generation":
+        decodings = ["greedy", "sampled"] if decoding == "both" else [decoding]
+        result = bench_generation(
+            model, prompts=prompts, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, lengths=lengths,
+            batches=batches, decodings=decodings, **options,
+        )
+    elif task == "training":
+        result = bench_training(
+            model, batch=batches[0], seq_len=seq_len, lengths=lengths, steps=steps, checkpointing=checkpointing,
+            micro_tokens=micro_tokens or None, compile=compile, **options,
+        )
+    else:
+        raise HarnessError(f"task must be generation or training, got {task!r}")
+    report(result, json_path or Path("outputs") / f"bench-{task}-{Path(model).name}.json")
+
+
+from harness.cli_judges import app as judges_app  # noqa: E402  (light: heavy imports happen per command)
+
+app.add_typer(judges_app, name="judges", help="Measure judges against human-labelled sets: harness judges validate ...")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import HarnessError
 
 Format = Literal["prose", "list", "json"]
-Method = Literal["sft"]
+Method = Literal["sft", "promot"]
 
 
 class Strict(BaseModel):
@@ -38,9 +38,45 @@ class LoraConfig(Strict):
     """Modules that get an adapter; 'all-linear' = every linear layer except the output head (Study B)."""
 
 
+class Stage1Config(Strict):
+    learning_rate: float = Field(0.1, gt=0)
+    """Soft-prompt learning rate (Study B: 0.1)."""
+    lr_scheduler: str = "cosine"
+    """Schedule; Study B names none for stage 1, so stage 2's is used."""
+    warmup_steps: int = Field(5, ge=0)
+    """Linear warm-up steps (as stage 2)."""
+    batch_size: int = Field(16, ge=1)
+    """Per-device batch size (Study B: 16)."""
+    grad_accum: int = Field(2, ge=1)
+    """Gradient accumulation steps (Study B: 2)."""
+    epochs: float = Field(0.5, gt=0)
+    """Epochs over the training rows; fractions are fine (Study B: 0.5)."""
+
+
+class PromotConfig(Strict):
+    prompt_length: int = Field(32, ge=1)
+    """Virtual tokens in the stage-1 soft prompt (Study B: 32)."""
+    init: Literal["random", "text"] = "random"
+    """Start from embeddings of random vocabulary tokens, or of `init_text`."""
+    init_text: str | None = None
+    """Text whose token embeddings start the prompt when init is 'text' (repeated or cut to length)."""
+    stage1: Stage1Config = Stage1Config()
+    """Stage 1: train the soft prompt alone on the frozen model."""
+    prompt_path: Path | None = None
+    """A saved stage-1 prompt folder to reuse instead of training stage 1 (must match the model)."""
+    evaluate_with_prompt: bool = False
+    """Also evaluate every stage-2 checkpoint with the soft prompt attached (shows it holds the format)."""
+
+    @model_validator(mode="after")
+    def _text_init_needs_text(self) -> "PromotConfig":
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init 'text' needs init_text")
+        return self
+
+
 class TrainConfig(Strict):
     methods: list[Method] = ["sft"]
-    """Fine-tuning methods to run for every format and seed."""
+    """Fine-tuning methods to run for every format and seed: 'sft' and/or 'promot'."""
     learning_rate: float = Field(5e-5, gt=0)
     """Peak learning rate (Study B: 5e-5)."""
     lr_scheduler: str = "cosine"
@@ -60,7 +96,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     """Trade compute for memory during training (useful for 7B+ models)."""
     lora: LoraConfig = LoraConfig()
-    """The LoRA adapter."""
+    """The LoRA adapter (SFT and ProMoT stage 2)."""
+    promot: PromotConfig = PromotConfig()
+    """ProMoT's stage 1 and its soft prompt; stage 2 uses the settings above."""
 
 
 class HarmfulConfig(Strict):

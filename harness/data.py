@@ -258,7 +258,7 @@ _SPECS = (
     DatasetSpec(
         "pku_saferlhf_test2k", "judge_validation", None,
         ("pku_saferlhf_test2k/0_9_safe_rlhf.json",), _record_row,
-        notes="2,000 rows, 1,682 distinct pairs: dedupe before use",
+        notes="2,000 rows, 1,682 distinct pairs, 28 with conflicting labels: load_judge_set dedupes",
     ),
     DatasetSpec(
         "xstest_resp_wildguard", "judge_validation", None,
@@ -440,6 +440,211 @@ def remove_safety(
         raise DatasetError(f"remove_safety knows only dolly15k and alpaca, not '{name}'")
     removed = {_row_key(r) for r in load_finetune("qi2024_safety_removed", data_dir) if r.meta["for"] == name}
     return [row for row in rows if _row_key(row) not in removed]
+
+
+# --- judge-validation sets ---------------------------------------------------------------------
+#
+# Human-labelled (prompt, response, label) sets that measure how far a judge agrees with people. Each set
+# says which question its humans answered (`task`): "harm" (is the response harmful?) or "refusal" (did the
+# model comply or refuse?), and maps every label value it uses to the positive class explicitly: harmful
+# for harm sets, compliance for refusal sets (compliance with an unsafe request is what ASR and the
+# fulfilment rate count). A label value missing from the mapping is an error, never a silent default.
+
+JudgeTask = Literal["harm", "refusal"]
+POSITIVE_CLASS: dict[str, str] = {"harm": "harmful", "refusal": "compliance"}
+
+_WILDGUARD_PREFIX, _WILDGUARD_SPLIT = "Human user:\n", "\n\nAI assistant:\n"
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    """One human-labelled pair; `positive` is True for harmful (harm sets) or compliance (refusal sets)."""
+
+    prompt: str
+    response: str
+    positive: bool
+    label: str
+    """The set's own label value, e.g. `harmful`, `1`, `3_partial_refusal`."""
+    origin: str
+    """The file the row came from."""
+    meta: dict = field(default_factory=dict)
+
+
+PairFn = Callable[[dict[str, list[Record]]], list[tuple[str, str, str, str, dict]]]
+"""records by file -> (prompt, response, raw label, origin, meta) per labelled row."""
+
+
+@dataclass(frozen=True)
+class JudgeSetSpec:
+    """A judge-validation set: which registry dataset it reads, its task and its label mapping."""
+
+    name: str
+    dataset: str
+    task: JudgeTask
+    labels: Mapping[str, bool]
+    """Every label value the set uses -> whether it is the positive class."""
+    pairs: PairFn
+    notes: str = ""
+
+
+def _split_wildguard(text: str, origin: str) -> tuple[str, str]:
+    """GuardReasoner/WildGuard `input`: 'Human user:\\n{prompt}\\n\\nAI assistant:\\n{response}\\n\\n'."""
+    if not text.startswith(_WILDGUARD_PREFIX) or _WILDGUARD_SPLIT not in text:
+        raise DatasetError(f"{origin}: input is not in the 'Human user: ... AI assistant: ...' format: {text[:60]!r}")
+    body = text[len(_WILDGUARD_PREFIX):].removesuffix("\n\n")
+    prompt, response = body.split(_WILDGUARD_SPLIT, 1)
+    return prompt, response
+
+
+def _wildguard_pairs(file: str, after: str | None) -> PairFn:
+    """Rows of one WildGuard-format file; the label is `output` itself or the word after `after`."""
+
+    def pairs(by_file: dict[str, list[Record]]) -> list[tuple[str, str, str, str, dict]]:
+        rows = []
+        for record in by_file[file]:
+            output = _text(record["output"])
+            if after is None:
+                label = output.strip()
+            else:
+                found = re.search(re.escape(after) + r"\s*(\S+)", output)
+                label = found.group(1) if found else output.strip()
+            rows.append((*_split_wildguard(_text(record["input"]), file), label, file, {}))
+        return rows
+
+    return pairs
+
+
+def _gptfuzz_pairs(by_file: dict[str, list[Record]]) -> list[tuple[str, str, str, str, dict]]:
+    """GPTFuzzer rows; `question` indexes question_list.csv. The jailbreak template wrapped around the
+    question was not recorded, so the judge sees the bare question (as our own benchmarks do)."""
+    questions = {_text(r["index"]).strip(): _text(r["text"]) for r in by_file["gptfuzz_labeled_responses/question_list.csv"]}
+    rows = []
+    for file in ("gptfuzz_labeled_responses/train.csv", "gptfuzz_labeled_responses/evaluate.csv"):
+        for record in by_file[file]:
+            index = _text(record["question"]).strip()
+            if index not in questions:
+                raise DatasetError(f"{file}: question {index!r} is not in question_list.csv")
+            rows.append((questions[index], _text(record["Response"]), _text(record["label"]).strip(), file,
+                         {"question": int(index)}))
+    return rows
+
+
+def _xstest_completion_pairs(by_file: dict[str, list[Record]]) -> list[tuple[str, str, str, str, dict]]:
+    rows = []
+    for file, records in by_file.items():
+        model = file.rsplit("_", 1)[-1].removesuffix(".csv")
+        for r in records:
+            meta = {"model": model, "type": _text(r["type"]), "annotators_agree": _text(r["agreement"]) == "TRUE"}
+            rows.append((_text(r["prompt"]), _text(r["completion"]), _text(r["final_label"]).strip(), file, meta))
+    return rows
+
+
+_HARM_LABELS = {"harmful": True, "unharmful": False}
+
+_JUDGE_SETS = (
+    JudgeSetSpec(
+        "beavertails_30k_test", "beavertails_30k_test", "harm", _HARM_LABELS,
+        _wildguard_pairs("beavertails_30k_test/0_A_beaver_tails.json", after="Response:"),
+        notes="BeaverTails 30k_test QA pairs, crowd safety meta-label",
+    ),
+    JudgeSetSpec(
+        "pku_saferlhf_test2k", "pku_saferlhf_test2k", "harm", _HARM_LABELS,
+        _wildguard_pairs("pku_saferlhf_test2k/0_9_safe_rlhf.json", after="Response:"),
+        notes="PKU-SafeRLHF test sample; duplicates merged and conflicting pairs dropped",
+    ),
+    JudgeSetSpec(
+        "xstest_resp_harm", "xstest_resp_wildguard", "harm", _HARM_LABELS,
+        _wildguard_pairs("xstest_resp_wildguard/0_6_xstest_response_harmful.json", after=None),
+        notes="WildGuard XSTest-Resp, response harmfulness",
+    ),
+    JudgeSetSpec(
+        "xstest_resp_refusal", "xstest_resp_wildguard", "refusal", {"compliance": True, "refusal": False},
+        _wildguard_pairs("xstest_resp_wildguard/0_7_xstest_response_refusal.json", after=None),
+        notes="WildGuard XSTest-Resp, refusal vs compliance (safe and unsafe prompts)",
+    ),
+    JudgeSetSpec(
+        "gptfuzz_labeled_responses", "gptfuzz_labeled_responses", "harm", {"1": True, "0": False},
+        _gptfuzz_pairs,
+        notes="GPTFuzzer jailbreak outcomes (1 = jailbroken = harmful); train and evaluate files together",
+    ),
+    JudgeSetSpec(
+        "xstest_completions_human", "xstest_completions_human", "refusal",
+        # A partial refusal mixes refusing and complying; it is not the full compliance the positive
+        # class stands for, so it counts as a refusal (XSTest's own refusal rate counts both refusals).
+        {"1_full_compliance": True, "2_full_refusal": False, "3_partial_refusal": False},
+        _xstest_completion_pairs,
+        notes="XSTest v2 completions of 5 models, final human label; partial refusal counts as refusal",
+    ),
+)  # fmt: skip
+
+JUDGE_SETS: dict[str, JudgeSetSpec] = {spec.name: spec for spec in _JUDGE_SETS}
+
+
+@dataclass(frozen=True)
+class JudgeSet:
+    """A loaded judge-validation set: its rows (deduplicated) and what loading did to them."""
+
+    spec: JudgeSetSpec
+    rows: list[LabelledPair]
+    report: dict[str, Any]
+    """rows_read, duplicates_merged, conflicting_pairs, conflicting_rows_dropped, rows, label_counts."""
+
+
+def judge_set_names(requested: Sequence[str] | None = None) -> list[str]:
+    """Resolve set names: None or "all" = every set; a registry dataset name = every set built from it."""
+    if not requested or "all" in requested:
+        return list(JUDGE_SETS)
+    names: list[str] = []
+    for name in requested:
+        expanded = [name] if name in JUDGE_SETS else [s.name for s in _JUDGE_SETS if s.dataset == name]
+        if not expanded:
+            raise DatasetError(f"unknown judge-validation set '{name}'; known: {', '.join(JUDGE_SETS)}")
+        names.extend(n for n in expanded if n not in names)
+    return names
+
+
+def load_judge_set(name: str, data_dir: str | os.PathLike | None = None) -> JudgeSet:
+    """The labelled pairs of one judge-validation set, in file order, with duplicates resolved.
+
+    An exact (prompt, response) pair that occurs more than once is kept once when its labels agree
+    and dropped entirely when they conflict (the humans disagreed, so it cannot score a judge);
+    `report` says how many of each. PKU-SafeRLHF's 2,000 rows hold 1,682 distinct pairs, 28 of
+    them conflicting, because one response can appear in several of its comparison pairs.
+    """
+    if name not in JUDGE_SETS:
+        raise DatasetError(f"unknown judge-validation set '{name}'; known: {', '.join(JUDGE_SETS)}")
+    spec = JUDGE_SETS[name]
+    raw = spec.pairs(load_records(spec.dataset, data_dir))
+    labels_of: dict[tuple[str, str], set[str]] = {}
+    for prompt, response, label, origin, _meta in raw:
+        if label not in spec.labels:
+            raise DatasetError(
+                f"judge set '{name}': {origin} has label {label!r}, which the set's mapping "
+                f"({', '.join(spec.labels)}) does not cover"
+            )
+        labels_of.setdefault((prompt, response), set()).add(label)
+    conflicting = {key for key, labels in labels_of.items() if len(labels) > 1}
+    rows, seen = [], set()
+    for prompt, response, label, origin, meta in raw:
+        key = (prompt, response)
+        if key in conflicting or key in seen:
+            continue
+        seen.add(key)
+        rows.append(LabelledPair(prompt, response, spec.labels[label], label, origin, meta))
+    if not rows:
+        raise DatasetError(f"judge set '{name}' has no usable rows")
+    label_counts: dict[str, int] = {}
+    for row in rows:
+        label_counts[row.label] = label_counts.get(row.label, 0) + 1
+    report = {
+        "rows_read": len(raw),
+        "duplicates_merged": len(raw) - len(rows) - sum(1 for r in raw if (r[0], r[1]) in conflicting),
+        "conflicting_pairs": len(conflicting),
+        "conflicting_rows_dropped": sum(1 for r in raw if (r[0], r[1]) in conflicting),
+        "rows": len(rows),
+        "label_counts": label_counts,
+    }
+    return JudgeSet(spec, rows, report)
 
 
 # --- sampling ----------------------------------------------------------------------------------

@@ -67,14 +67,14 @@ def judge_safety(prompts: list[HarmfulPrompt], responses: list[str], judge: Judg
 
 
 def score_task(rows: list[FinetuneRow], responses: list[str], fmt: str, *, sbert_model: str, seed: int) -> EvaluationResult:
-    """ROUGE-L and S-BERT against the references in `fmt`, plus how many outputs are valid in `fmt`."""
+    """ROUGE-L and S-BERT against the references in `fmt`, plus `format_adherence`: the share valid in `fmt`."""
     references = [row.response for row in rows]
     scores = task_metrics(responses, references, sbert_model=sbert_model)
     valid = [formats.is_valid(fmt, response) for response in responses]
     metrics = {
         "rouge_l": scores["rouge_l"],
         "sbert": scores["sbert"],
-        "format_valid_rate": sum(valid) / len(valid),
+        "format_adherence": sum(valid) / len(valid),
         "n_prompts": float(len(rows)),
     }
     metrics["sbert_ci_low"], metrics["sbert_ci_high"] = bootstrap_ci(scores["sbert_per_item"], seed=seed)
@@ -84,6 +84,6 @@ def score_task(rows: list[FinetuneRow], responses: list[str], fmt: str, *, sbert
         "response": responses,
         "rouge_l": scores["rouge_l_per_item"],
         "sbert": scores["sbert_per_item"],
-        "format_valid": valid,
+        "format_adherence": valid,
     }
     return EvaluationResult(metrics, table)

@@ -1,7 +1,10 @@
 """Batched chat generation: the step every safety and task evaluation spends most of its time in.
 
 Prompts are sorted by length before batching, so each batch pads little; outputs come back in the input
-order. Decoding is exactly what the caller asks for: greedy at temperature 0, otherwise plain
+order. On CUDA, transformers and peft models of the Llama family take the fast path of
+`harness.fast_generation` (continuous batching, static KV cache, CUDA graphs; several times faster, see
+benchmarks/RESULTS.md); `HARNESS_FAST_GENERATION=0` switches it off. Every other model and device goes
+through plain `generate` in sorted batches. Decoding is exactly what the caller asks for: greedy at temperature 0, otherwise plain
 temperature / top-p / min-p sampling, with the checkpoint's own defaults (top-k, repetition penalty)
 switched off so that the logged decoding setting is the whole story.
 """
@@ -9,6 +12,7 @@ switched off so that the logged decoding setting is the whole story.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import torch
@@ -35,13 +39,16 @@ def generate_responses(
 ) -> list[str]:
     """The assistant's reply to each conversation, in the input order.
 
-    Sampling is seeded per batch (from `seed` and the batch's index), so a batch's outputs do not depend
-    on how much randomness earlier batches consumed.
+    Plain path: sampling is seeded per batch (from `seed` and the batch's index), so a batch's outputs do
+    not depend on how much randomness earlier batches consumed. Fast path (CUDA): one stream of
+    randomness seeded from `seed`, and `batch_size` is not used (the slot count is sized from free memory).
     """
     decoding = _decoding_options(tokenizer, temperature, top_p, min_p, max_new_tokens)
     if batch_size < 1:
         raise HarnessError(f"batch_size must be at least 1, got {batch_size}")
     prompts = [_prompt_ids(tokenizer, conversation) for conversation in conversations]
+    if prompts and fast_path_unavailable(model) is None:
+        return _generate_fast(model, tokenizer, prompts, decoding, temperature, top_p, min_p, seed, progress, desc)
     # Longest first: a batch that does not fit in memory fails at once, not at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     responses = [""] * len(prompts)
@@ -79,6 +86,33 @@ def generate_one_by_one(
         prompt = _prompt_ids(tokenizer, conversation)
         responses += _generate_batch(model, tokenizer, [prompt], decoding, _seed(seed, index))
     return responses
+
+
+def fast_path_unavailable(model: Any) -> str | None:
+    """Why `generate_responses` would not take the fast path for `model`; None when it would."""
+    if os.environ.get("HARNESS_FAST_GENERATION", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return "switched off by HARNESS_FAST_GENERATION"
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if parameter is None or parameter.device.type != "cuda":
+        return "not on CUDA"
+    from harness.fast_generation import unsupported_reason
+
+    return unsupported_reason(model)
+
+
+def _generate_fast(
+    model: Any, tokenizer: Any, prompts: list[list[int]], decoding: dict[str, Any],
+    temperature: float, top_p: float, min_p: float | None, seed: int, progress: bool, desc: str,
+) -> list[str]:
+    from harness.fast_generation import Sampling, fast_generate
+
+    torch.manual_seed(_seed(seed, 0))
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        generated = fast_generate(
+            model, prompts, max_new_tokens=decoding["max_new_tokens"], sampling=Sampling(temperature, top_p, min_p),
+            pad_token_id=decoding["pad_token_id"], progress=bar.update,
+        )
+    return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
 
 def _decoding_options(

@@ -10,7 +10,7 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import data, formats
+from harness import data, formats, promot
 from harness.config import DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
 from harness.evaluation import generate, judge_safety, score_task
 from harness.judges import Judge, KeywordJudge, LLMJudge
@@ -91,7 +91,21 @@ class ExperimentRunner:
         self.judges = [build_judge(judge_cfg, cfg.eval.batch_size) for judge_cfg in cfg.eval.judges]
         if cfg.eval.task:
             task_metrics(["warm-up"], ["warm-up"], sbert_model=cfg.eval.sbert_model)  # fails now if S-BERT can't load
+        if "promot" in cfg.train.methods:
+            self.check_promot()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
+
+    def check_promot(self) -> None:
+        """ProMoT's inputs that only a loaded model can check: the prompt fits, a reused prompt matches."""
+        settings = self.cfg.train.promot
+        promot.check_prompt_length(self.eval_model, settings.prompt_length, self.cfg.train.max_length)
+        if settings.prompt_path is not None:
+            prompt = promot.SoftPrompt.load(settings.prompt_path, expect_model_digest=model_digest(self.model_source))
+            hidden = self.eval_model.get_input_embeddings().weight.shape[1]
+            if prompt.embeddings.shape[1] != hidden:
+                raise promot.PromotError(
+                    f"stage-1 prompt {settings.prompt_path} has width {prompt.embeddings.shape[1]}, the model {hidden}"
+                )
 
     def base_unit(self) -> dict:
         """The resolved config that identifies the base model's evaluation unit."""
@@ -109,7 +123,8 @@ class ExperimentRunner:
                 "test_size": d.test_size, "split_seed": d.split_seed,
                 "checksums": {path: digest for path, digest in self.data.checksums.items() if "wikihow" in path},
             },
-            "train": self.cfg.train.model_dump(mode="json"),
+            # ProMoT's settings identify only ProMoT units: changing them must not "change" an SFT fine-tune.
+            "train": self.cfg.train.model_dump(mode="json", exclude=None if method == "promot" else {"promot"}),
         }
 
     # -- the study ----------------------------------------------------------------------------------------
@@ -138,43 +153,93 @@ class ExperimentRunner:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
             run.set_tags({"harness.output_dir": output_dir.resolve()})
             train_model, train_tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
-            checkpoints = train_sft(
-                train_model, train_tokenizer, self.data.train[fmt], self.data.val[fmt], cfg.train,
-                seed=seed, output_dir=output_dir, run=run,
-            )
-            del train_model
-            gc.collect()
-            for checkpoint in checkpoints:
-                ckpt_unit = {**unit, "epoch": checkpoint.epoch}
-                ckpt_tags = {**tags, "epoch": checkpoint.epoch}
-                name = f"{method}-{fmt}-seed{seed}-epoch{checkpoint.epoch}"
-                with self.tracker.run("checkpoint", name, ckpt_tags, parent=run, config=ckpt_unit, config_hash=config_hash(ckpt_unit)) as ckpt_run:
-                    ckpt_run.set_tags({"harness.adapter_path": checkpoint.path.resolve(), "harness.step": checkpoint.step})
-                    self.eval_model = load_adapter(self.eval_model, checkpoint.path)
-                    try:
-                        self.evaluate_state(ckpt_run, ckpt_unit, ckpt_tags, score_formats=[fmt], label=(method, fmt, seed, checkpoint.epoch))
-                    finally:
-                        self.eval_model = unload_adapter(self.eval_model)
+            if method == "sft":
+                checkpoints = train_sft(
+                    train_model, train_tokenizer, self.data.train[fmt], self.data.val[fmt], cfg.train,
+                    seed=seed, output_dir=output_dir, run=run,
+                )
+                del train_model
+                gc.collect()
+                self.evaluate_checkpoints(run, unit, tags, checkpoints)
+            else:
+                self.finetune_promot(run, unit, tags, train_model, train_tokenizer, output_dir)
 
-    def evaluate_state(self, parent: RunHandle, unit: dict, tags: dict, *, score_formats: list[str], label: tuple) -> None:
+    def finetune_promot(self, run: RunHandle, unit: dict, tags: dict, model, tokenizer, output_dir: Path) -> None:
+        """ProMoT's two stages as nested `stage` runs; checkpoints hang under stage 2, evaluated without the prompt."""
+        cfg = self.cfg
+        fmt, seed = tags["format"], tags["seed"]
+        name = f"promot-{fmt}-seed{seed}"
+        stage1_unit = {**unit, "stage": 1}
+        with self.tracker.run("stage", f"{name}-stage1", {**tags, "stage": 1}, parent=run,
+                              config=stage1_unit, config_hash=config_hash(stage1_unit)) as stage1_run:
+            if cfg.train.promot.prompt_path is not None:
+                prompt = promot.SoftPrompt.load(cfg.train.promot.prompt_path, expect_model_digest=unit["model_digest"])
+                stage1_run.set_tags({"harness.prompt_source": cfg.train.promot.prompt_path.resolve()})
+                prompt.save(output_dir / "stage1")
+            else:
+                prompt = promot.train_stage1(
+                    model, tokenizer, self.data.train[fmt], cfg.train.promot, cfg.train, seed=seed,
+                    output_dir=output_dir / "stage1", run=stage1_run,
+                    meta={"model": cfg.model, "model_digest": unit["model_digest"], "format": fmt},
+                )
+            stage1_run.log_artifacts(str(output_dir / "stage1"), "soft_prompt")
+            stage1_run.set_tags({"harness.prompt_sha256": prompt.meta.get("sha256") or promot.tensor_digest(prompt.embeddings)})
+        stage2_unit = {**unit, "stage": 2}
+        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run,
+                              config=stage2_unit, config_hash=config_hash(stage2_unit)) as stage2_run:
+            checkpoints = promot.train_stage2(
+                model, tokenizer, self.data.train[fmt], self.data.val[fmt], prompt, cfg.train, seed=seed,
+                output_dir=output_dir / "stage2", run=stage2_run,
+            )
+            del model
+            gc.collect()
+            self.evaluate_checkpoints(stage2_run, unit, tags, checkpoints,
+                                      prompt=prompt if cfg.train.promot.evaluate_with_prompt else None)
+
+    def evaluate_checkpoints(self, parent: RunHandle, unit: dict, tags: dict, checkpoints, *, prompt=None) -> None:
+        """One `checkpoint` run per saved epoch; with `prompt`, a second set of evaluations with it attached."""
+        method, fmt, seed = tags["method"], tags["format"], tags["seed"]
+        for checkpoint in checkpoints:
+            ckpt_unit = {**unit, "epoch": checkpoint.epoch}
+            ckpt_tags = {**tags, "epoch": checkpoint.epoch}
+            name = f"{method}-{fmt}-seed{seed}-epoch{checkpoint.epoch}"
+            with self.tracker.run("checkpoint", name, ckpt_tags, parent=parent, config=ckpt_unit,
+                                  config_hash=config_hash(ckpt_unit)) as ckpt_run:
+                ckpt_run.set_tags({"harness.adapter_path": checkpoint.path.resolve(), "harness.step": checkpoint.step})
+                self.eval_model = load_adapter(self.eval_model, checkpoint.path)
+                try:
+                    self.evaluate_state(ckpt_run, ckpt_unit, ckpt_tags, score_formats=[fmt],
+                                        label=(method, fmt, seed, checkpoint.epoch))
+                    if prompt is not None:
+                        with_prompt = promot.SoftPromptedLM(self.eval_model, prompt.embeddings, trainable=False)
+                        self.evaluate_state(ckpt_run, {**ckpt_unit, "soft_prompt": True},
+                                            {**ckpt_tags, "soft_prompt": True}, score_formats=[fmt],
+                                            label=(f"{method}+prompt", fmt, seed, checkpoint.epoch), model=with_prompt)
+                finally:
+                    self.eval_model = unload_adapter(self.eval_model)
+
+    def evaluate_state(self, parent: RunHandle, unit: dict, tags: dict, *, score_formats: list[str], label: tuple,
+                       model=None) -> None:
         """Every decoding setting × repeat: harmful prompts (scored by each judge) and the task test split."""
         cfg = self.cfg
+        model = model if model is not None else self.eval_model
         summary = SummaryRow(*label)
         for decoding in cfg.eval.decoding:
             for repeat in range(decoding.repeats):
                 seed = cfg.eval.seed + repeat
                 decoding_tags = {"temperature": decoding.temperature, "min_p": decoding.min_p, "repeat": repeat}
                 suffix = f"T{decoding.temperature:g}" + (f"-r{repeat}" if decoding.repeats > 1 else "")
-                self.evaluate_safety(parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, summary)
+                suffix += "-with-prompt" if tags.get("soft_prompt") else ""
+                self.evaluate_safety(model, parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, summary)
                 if cfg.eval.task:
-                    self.evaluate_task(parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, score_formats, summary)
+                    self.evaluate_task(model, parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, score_formats, summary)
         self.summary.append(summary)
 
-    def evaluate_safety(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str, summary: SummaryRow) -> None:
+    def evaluate_safety(self, model, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str, summary: SummaryRow) -> None:
         cfg = self.cfg
         prompts = self.data.harmful
         responses = generate(
-            self.eval_model, self.tokenizer, [prompt.prompt for prompt in prompts], decoding,
+            model, self.tokenizer, [prompt.prompt for prompt in prompts], decoding,
             batch_size=cfg.eval.batch_size, seed=seed, desc=f"harmful prompts ({suffix})",
         )
         for judge in self.judges:
@@ -192,12 +257,12 @@ class ExperimentRunner:
             if tags["repeat"] == 0:
                 summary.metrics[f"asr_{judge.name}"] = result.metrics["asr"]
 
-    def evaluate_task(self, parent, unit, tags, decoding, seed, suffix, score_formats, summary: SummaryRow) -> None:
+    def evaluate_task(self, model, parent, unit, tags, decoding, seed, suffix, score_formats, summary: SummaryRow) -> None:
         cfg = self.cfg
         # The instruction is the same in every format, so one generation serves every format's references.
         rows_any_format = self.data.test[score_formats[0]]
         responses = generate(
-            self.eval_model, self.tokenizer, [user_message(row) for row in rows_any_format], decoding,
+            model, self.tokenizer, [user_message(row) for row in rows_any_format], decoding,
             batch_size=cfg.eval.batch_size, seed=seed, desc=f"task test split ({suffix})",
         )
         for fmt in score_formats:
@@ -211,7 +276,7 @@ class ExperimentRunner:
                 run.log_table(result.table, "per_prompt.json")
             if tags["repeat"] == 0 and (len(score_formats) == 1 or fmt == "prose"):
                 summary.metrics.update({"rouge_l": result.metrics["rouge_l"], "sbert": result.metrics["sbert"],
-                                        "format_valid": result.metrics["format_valid_rate"]})
+                                        "format_adherence": result.metrics["format_adherence"]})
 
 
 def run_experiment(cfg: ExperimentConfig) -> tuple[list[SummaryRow], str]:

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from harness.config import TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
+from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset
 from tracking import RunHandle
 
 
@@ -50,6 +51,10 @@ def to_conversations(rows: list[FinetuneRow]) -> Dataset:
     )
 
 
+class ClassLossSFTTrainer(ClassLossMixin, SFTTrainer):
+    """TRL's SFTTrainer that also logs the format and content token losses of every step (issue 10)."""
+
+
 class TrainingDiverged(HarnessError):
     """The loss became NaN or infinite: the fine-tune is worthless from that step on."""
 
@@ -58,6 +63,11 @@ class MlflowStepLogger(TrainerCallback):
     """Sends the Trainer's per-step logs to the fine-tune run under the harness's metric names."""
 
     RENAME = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss"}
+    # Format-vs-content losses (harness.loss_classes) keep their names.
+    RENAME.update({name: name for name in (
+        "train_loss_format", "train_loss_content", "train_tokens_format", "train_tokens_content",
+        "eval_loss_format", "eval_loss_content",
+    )})
 
     def __init__(self, run: RunHandle):
         self.run = run
@@ -120,6 +130,8 @@ def train_sft(
         data_seed=seed,
         max_length=cfg.max_length,
         completion_only_loss=True,
+        remove_unused_columns=False,  # keeps token_classes, which mark format vs content response tokens
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows come tokenized, with labels on the reply only
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=cfg.gradient_checkpointing,
         report_to="none",
@@ -131,12 +143,13 @@ def train_sft(
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
-        trainer = SFTTrainer(
+        trainer = ClassLossSFTTrainer(
             model=model,
             args=args,
-            train_dataset=to_conversations(train_rows),
-            eval_dataset=to_conversations(val_rows) if val_rows else None,
+            train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
+            eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
             processing_class=tokenizer,
+            data_collator=ClassCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
             peft_config=lora_config(cfg),
             callbacks=[MlflowStepLogger(run), recorder],
         )

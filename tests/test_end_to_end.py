@@ -124,7 +124,7 @@ def test_evaluations_have_tags_metrics_and_per_prompt_tables(study):
         assert len(table["data"]) == 6
         assert {"prompt", "response", "harmful", "score", "judge_raw"} <= set(table["columns"])
     for run in task:
-        for name in ("rouge_l", "sbert", "format_valid_rate"):
+        for name in ("rouge_l", "sbert", "format_adherence"):
             assert 0 <= run.data.metrics[name] <= 1, name
         assert tag(run, "format") in FORMATS
 

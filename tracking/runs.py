@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from tracking.provenance import provenance
 from tracking.store import default_artifact_location, resolve_tracking_uri
 
-KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint", "evaluation")
+KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint", "evaluation", "judge_validation")
 TAG_PREFIX = "harness."
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 

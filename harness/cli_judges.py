@@ -1,0 +1,189 @@
+"""`harness judges ...`: measure judges against human-labelled sets (see harness/judge_validation.py)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# Not a terminal (CI logs, pipes): rich would wrap the wide table at 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
+JUDGE_NAMES = ("keyword", "llm", "fulfilment", "http")
+
+
+def _one_line_errors(command):
+    """Same contract as the main CLI: a HarnessError is `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except HarnessError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def build_judges(names, *, model, template, fulfilment_template, url, threshold, max_new_tokens, batch_size,
+                 quantize_4bit):
+    """The requested judges; a local judge model is loaded once and shared by `llm` and `fulfilment`."""
+    from harness import judges as j
+
+    unknown = [n for n in names if n not in JUDGE_NAMES]
+    if unknown:
+        raise HarnessError(f"unknown judge '{unknown[0]}'; choose from: {', '.join(JUDGE_NAMES)}")
+
+    @functools.cache
+    def local_complete():
+        if not model:
+            raise HarnessError("the llm and fulfilment judges need --judge-model (alias, hub id or path)")
+        from harness.generation import generate_responses
+        from harness.models import load_model
+
+        loaded, tokenizer = load_model(model, quantize_4bit=quantize_4bit)
+        return lambda conversations: generate_responses(
+            loaded, tokenizer, conversations, temperature=0.0, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, desc="judging",
+        )
+
+    built = []
+    for name in dict.fromkeys(names):
+        if name == "keyword":
+            built.append(j.KeywordJudge())
+        elif name == "llm":
+            built.append(j.LLMJudge(local_complete(), template_path=template, threshold=threshold, model_name=model))
+        elif name == "http":
+            built.append(j.HTTPJudge(model=model, base_url=url, template_path=template, threshold=threshold,
+                                     max_tokens=max_new_tokens))
+        elif url:  # fulfilment, asked of the server
+            server_model = model or os.environ.get(j.MODEL_ENV)
+            if not server_model:
+                raise HarnessError(f"the fulfilment judge on --judge-url needs --judge-model or ${j.MODEL_ENV}")
+            api_key = next((os.environ[e] for e in j.API_KEY_ENVS if os.environ.get(e)), None)
+            complete = j.openai_chat_complete(url, server_model, api_key=api_key, max_tokens=max_new_tokens)
+            built.append(j.FulfilmentJudge(complete, template_path=fulfilment_template, model_name=server_model))
+        else:
+            built.append(j.FulfilmentJudge(local_complete(), template_path=fulfilment_template, model_name=model))
+    return built
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _with_ci(metrics: dict, name: str) -> str:
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    if low is None or math.isnan(low):
+        return _fmt(metrics.get(name))
+    return f"{_fmt(metrics.get(name))} [{_fmt(low, 2)}, {_fmt(high, 2)}]"
+
+
+def print_results(validations) -> None:
+    from harness.data import POSITIVE_CLASS
+
+    table = Table(title="Judge agreement with human labels (test split; positive = harmful or compliance)")
+    for column in ("judge", "set", "positive", "n", "accuracy", "precision", "recall", "F1", "kappa [95% CI]",
+                   "parse fail", "rows/s"):
+        table.add_column(column, justify="left" if column in ("judge", "set", "positive") else "right")
+    for validation in validations:
+        for result in [*validation.sets, *validation.pooled.values()]:
+            m = result.metrics
+            table.add_row(
+                validation.judge.name, result.name, POSITIVE_CLASS[result.task], str(m.get("n", 0)),
+                _fmt(m.get("accuracy")), _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(m.get("f1")),
+                _with_ci(m, "kappa"), _fmt(m.get("parse_failure_rate")), _fmt(m.get("rows_per_second"), 1),
+            )
+        table.add_section()
+    console.print(table)
+    for validation in validations:
+        for result in validation.pooled.values():
+            cal = result.calibration
+            if "curve" in cal:
+                curve = ", ".join(f"t{p['threshold']}: {_fmt(p['kappa'], 2)}" for p in cal["curve"])
+                at = cal["test_at_calibrated_threshold"]
+                console.print(
+                    f"{validation.judge.name} {result.name}: calibration-split kappa by threshold ({curve}); "
+                    f"chosen t{cal['calibrated_threshold']} (default t{cal['default_threshold']}) "
+                    f"scores kappa {_with_ci(at, 'kappa')} on the test split"
+                )
+            elif "test" in cal:
+                drops = ", ".join(repr(p) for p in cal["pruned_list_drops"]) or "nothing"
+                console.print(
+                    f"{validation.judge.name} {result.name}: pruning the phrase list on the calibration split drops "
+                    f"{drops}; test kappa {_fmt(cal['test']['shipped']['kappa'])} (shipped list) -> "
+                    f"{_fmt(cal['test']['pruned']['kappa'])} (pruned)"
+                )
+
+
+@app.command()
+@_one_line_errors
+def validate(
+    judge: list[str] = typer.Option(..., "--judge", help="keyword, llm, fulfilment or http; repeat for several"),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", help="Labelled set (or registry dataset, or 'all'); repeat for several. Default: all"),
+    limit: Optional[int] = typer.Option(None, help="At most N rows per set (seeded, stratified by label)"),
+    judge_model: Optional[str] = typer.Option(
+        None, help="llm/fulfilment: model alias, hub id or path; http: the served model name"),
+    judge_template: Optional[Path] = typer.Option(
+        None, help="llm/http: harm rubric with {instruction} and {response}; default harness/templates/harm_judge.txt"),
+    fulfilment_template: Optional[Path] = typer.Option(
+        None, help="fulfilment: rubric template; default harness/templates/fulfilment_judge.txt"),
+    judge_url: Optional[str] = typer.Option(
+        None, help="OpenAI-compatible server for the http (and fulfilment) judge; default $HARNESS_JUDGE_BASE_URL"),
+    threshold: int = typer.Option(3, help="llm/http: score at or above which a response is harmful"),
+    max_new_tokens: int = typer.Option(32, help="Budget for each judge answer"),
+    batch_size: int = typer.Option(16, help="Local judge model: prompts per batch"),
+    quantize_4bit: bool = typer.Option(False, help="Load the local judge model in 4-bit (CUDA only)"),
+    seed: int = typer.Option(0, help="Seed of the calibration/test split, the row limit and the bootstrap"),
+    bootstrap: int = typer.Option(2000, help="Bootstrap resamples for the intervals"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store; default $MLFLOW_TRACKING_URI or ./mlruns"),
+    data_dir: Optional[Path] = typer.Option(None, help="Shared data directory; default as for `harness run`"),
+) -> None:
+    """Score judges against human labels; log one `judge_validation` MLflow run per judge."""
+    from harness import data
+    from harness.judge_validation import VALIDATION_STUDY, log_validation, validate as run_validation
+    from tracking import Tracker
+    from tracking.store import ui_command
+
+    if bootstrap < 1:
+        raise HarnessError(f"--bootstrap must be at least 1, got {bootstrap}")
+    if limit is not None and limit < 1:
+        raise HarnessError(f"--limit must be at least 1, got {limit}")
+    if not 1 <= threshold <= 5:
+        raise HarnessError(f"--threshold must be in 1..5, got {threshold}")
+    # Everything that can fail on bad input happens before the first MLflow run.
+    names = data.judge_set_names(sets)
+    judge_sets = [data.load_judge_set(name, data_dir) for name in names]
+    checksums = {}
+    for judge_set in judge_sets:
+        checksums.update(data.checksums(judge_set.spec.dataset, data_dir))
+        report = judge_set.report
+        console.print(
+            f"{judge_set.spec.name}: {report['rows']} rows ({report['rows_read']} read, "
+            f"{report['duplicates_merged']} duplicates merged, {report['conflicting_rows_dropped']} rows of "
+            f"{report['conflicting_pairs']} conflicting pairs dropped)"
+        )
+    judges = build_judges(judge, model=judge_model, template=judge_template, fulfilment_template=fulfilment_template,
+                          url=judge_url, threshold=threshold,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, quantize_4bit=quantize_4bit)
+    tracker = Tracker(VALIDATION_STUDY, tracking_uri)
+    validations = []
+    for one in judges:
+        validation = run_validation(one, judge_sets, limit=limit, seed=seed, n_resamples=bootstrap,
+                                    progress=lambda message: console.print(f"[dim]judging: {message}[/dim]"))
+        run_id = log_validation(tracker, validation, checksums)
+        console.print(f"logged {validation.judge_tag} as run {run_id}")
+        validations.append(validation)
+    print_results(validations)
+    print(f"Open the runs in the MLflow UI with:\n  {ui_command(tracker.tracking_uri)}")

@@ -1,0 +1,316 @@
+"""ProMoT (Wang et al., ICLR 2024): learn the *format* into a soft prompt, then the *content* into LoRA.
+
+Study B's causal test of "format over-fitting erodes safety":
+- Stage 1 prepends `l` trainable virtual tokens to the input embeddings and trains only them (the model is
+  frozen). Format, common to every example, is the cheapest thing for the prompt to absorb.
+- Stage 2 keeps that prompt frozen and prepended and trains a LoRA adapter with SFT's settings. Since the
+  prompt already carries the format, the adapter's gradient comes mostly from content.
+- At inference the prompt is thrown away: base model + stage-2 adapter alone generate. `SoftPromptedLM`
+  can put it back, to show that the prompt really holds the format.
+
+peft cannot combine prompt tuning with LoRA in one model, so the prompt lives in this module's own wrapper:
+`SoftPromptedLM` embeds the token ids, prepends the prompt, and calls the (optionally LoRA-wrapped) model
+with `inputs_embeds`. Both stages train through transformers' Trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from harness.config import PromotConfig, TrainConfig
+from harness.data import FinetuneRow
+from harness.errors import HarnessError
+from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset
+from harness.sft import EpochCheckpoint, MlflowStepLogger, lora_config, user_message
+from tracking import RunHandle
+
+PROMPT_FILE = "soft_prompt.safetensors"
+META_FILE = "soft_prompt.json"
+
+
+class PromotError(HarnessError):
+    """A ProMoT stage cannot run as configured (bad prompt length, missing or foreign stage-1 prompt)."""
+
+
+# --- the soft prompt ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SoftPrompt:
+    """A trained stage-1 prompt and what it was trained on; `model_digest` ties it to one base model."""
+
+    embeddings: torch.Tensor  # (length, hidden_size), float32
+    meta: dict[str, Any]
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[0]
+
+    def save(self, directory: Path) -> Path:
+        """Tensor + metadata, the tensor written under a temporary name first so a crash leaves no half file."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (PROMPT_FILE + ".tmp")
+        save_file({"prompt": self.embeddings.detach().cpu().contiguous()}, str(tmp))
+        meta = {**self.meta, "sha256": tensor_digest(self.embeddings), "shape": list(self.embeddings.shape)}
+        (directory / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2, default=str))
+        tmp.replace(directory / PROMPT_FILE)
+        (directory / (META_FILE + ".tmp")).replace(directory / META_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, expect_model_digest: str | None = None) -> "SoftPrompt":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / PROMPT_FILE).is_file() or not (directory / META_FILE).is_file():
+            raise PromotError(f"stage-1 prompt not found: {directory} needs {PROMPT_FILE} and {META_FILE}")
+        meta = json.loads((directory / META_FILE).read_text())
+        embeddings = load_file(str(directory / PROMPT_FILE))["prompt"]
+        if meta.get("sha256") and meta["sha256"] != tensor_digest(embeddings):
+            raise PromotError(f"stage-1 prompt {directory / PROMPT_FILE} does not match the checksum in {META_FILE}")
+        if expect_model_digest and meta.get("model_digest") != expect_model_digest:
+            raise PromotError(
+                f"stage-1 prompt {directory} was trained on model {meta.get('model')!r} "
+                f"(digest {meta.get('model_digest')}), not on the model under study (digest {expect_model_digest})"
+            )
+        return cls(embeddings, meta)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def initial_prompt(model, tokenizer, length: int, init: str, init_text: str | None, seed: int) -> torch.Tensor:
+    """Stage 1's starting point, (length, hidden) in float32.
+
+    `random` samples `length` rows of the vocabulary's embedding matrix (Lester et al. 2021's "sampled
+    vocab" init), so the prompt starts at the scale of real token embeddings; `text` embeds `init_text`,
+    repeated or cut to `length` tokens, as peft's TEXT init does.
+    """
+    table = model.get_input_embeddings().weight.detach()  # (vocab, hidden)
+    if init == "text":
+        ids = tokenizer(init_text or "", add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromotError("promot.init_text is empty: give the text whose embeddings start the prompt")
+        ids = (ids * math.ceil(length / len(ids)))[:length]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, table.shape[0], (length,), generator=generator).tolist()
+    return table[torch.tensor(ids, device=table.device)].float().cpu().clone()
+
+
+class SoftPromptedLM(nn.Module):
+    """A causal LM (plain or LoRA-wrapped) whose input is preceded by a soft prompt.
+
+    The prompt goes before everything, padding included: positions come from the attention mask, so a
+    left-padded generation batch and a right-padded training batch see the prompt at the same positions.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor, *, trainable: bool):
+        super().__init__()
+        self.model = model
+        self.prompt = nn.Parameter(prompt.clone().float().to(model.device), requires_grad=trainable)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt.device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def _with_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        embed = self.model.get_input_embeddings()
+        tokens = embed(input_ids)  # (batch, seq, hidden)
+        batch = input_ids.shape[0]
+        prompt = self.prompt.to(tokens.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, l, hidden)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_mask = attention_mask.new_ones(batch, self.prompt.shape[0])
+        return torch.cat([prompt, tokens], dim=1), torch.cat([prompt_mask, attention_mask], dim=1)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        inputs_embeds, attention_mask = self._with_prompt(input_ids, attention_mask)
+        if labels is not None:
+            ignore = labels.new_full((labels.shape[0], self.prompt.shape[0]), -100)
+            labels = torch.cat([ignore, labels], dim=1)  # the prompt is never a target
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Like `generate` on token ids: returns the ids followed by the new tokens."""
+        inputs_embeds, attention_mask = self._with_prompt(input_ids, attention_mask)
+        new_tokens = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+class _PromptedTrainer(ClassLossMixin, Trainer):
+    """Trainer for `SoftPromptedLM`, logging format/content losses; the stages save their own artifacts
+    (Trainer would save the whole frozen model, 100s of MB)."""
+
+    def _save(self, output_dir=None, state_dict=None):  # pragma: no cover - save_strategy is "no"
+        raise HarnessError("ProMoT stages save their own artifacts")
+
+
+class _EpochAdapterSaver(TrainerCallback):
+    """Saves the stage-2 LoRA adapter at the end of every epoch, as SFT's checkpoints are."""
+
+    def __init__(self, peft_model, output_dir: Path):
+        self.peft_model = peft_model
+        self.output_dir = output_dir
+        self.saved: list[EpochCheckpoint] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        path = self.output_dir / f"checkpoint-{state.global_step}"
+        self.peft_model.save_pretrained(str(path))
+        self.saved.append(EpochCheckpoint(epoch=round(state.epoch or 0), step=state.global_step, path=path))
+
+
+def _arguments(output_dir: Path, *, learning_rate, lr_scheduler, warmup_steps, batch_size, grad_accum, seed,
+               gradient_checkpointing: bool, epochs: float | None = None, max_steps: int = -1, eval_rows: bool) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs or 1,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=warmup_steps,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="epoch" if eval_rows else "no",
+        seed=seed,
+        data_seed=seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=gradient_checkpointing,
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if gradient_checkpointing else {}),
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        use_cpu=not on_gpu,
+    )
+
+
+def stage1_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: float) -> int:
+    """Optimiser steps for a possibly fractional number of epochs (Study B: 0.5), at least one."""
+    per_epoch = math.ceil(n_rows / batch_size / grad_accum)
+    return max(1, math.ceil(per_epoch * epochs))
+
+
+def train_stage1(
+    model,
+    tokenizer,
+    train_rows: list[FinetuneRow],
+    cfg: PromotConfig,
+    train_cfg: TrainConfig,
+    *,
+    seed: int,
+    output_dir: Path,
+    run: RunHandle,
+    meta: dict[str, Any],
+) -> SoftPrompt:
+    """Train only the soft prompt on a frozen model; returns the prompt, also saved under `output_dir`."""
+    check_prompt_length(model, cfg.prompt_length, train_cfg.max_length)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    torch.manual_seed(seed)
+    init = initial_prompt(model, tokenizer, cfg.prompt_length, cfg.init, cfg.init_text, seed)
+    wrapped = SoftPromptedLM(model, init, trainable=True)
+    s1 = cfg.stage1
+    steps = stage1_steps(len(train_rows), s1.batch_size, s1.grad_accum, s1.epochs)
+    args = _arguments(
+        output_dir, learning_rate=s1.learning_rate, lr_scheduler=s1.lr_scheduler, warmup_steps=s1.warmup_steps,
+        batch_size=s1.batch_size, grad_accum=s1.grad_accum, seed=seed, max_steps=steps,
+        gradient_checkpointing=False, eval_rows=False,
+    )
+    trainer = _PromptedTrainer(
+        model=wrapped,
+        args=args,
+        train_dataset=class_dataset(tokenizer, train_rows, max_length=train_cfg.max_length),
+        data_collator=ClassCollator(_pad_id(tokenizer)),
+        callbacks=[MlflowStepLogger(run)],
+    )
+    trainer.train()
+    prompt = SoftPrompt(
+        wrapped.prompt.detach().float().cpu().clone(),
+        {**meta, "length": cfg.prompt_length, "init": cfg.init, "init_text": cfg.init_text, "steps": steps,
+         "epochs": s1.epochs, "learning_rate": s1.learning_rate, "seed": seed, "n_rows": len(train_rows)},
+    )
+    prompt.save(output_dir)
+    return prompt
+
+
+def train_stage2(
+    model,
+    tokenizer,
+    train_rows: list[FinetuneRow],
+    val_rows: list[FinetuneRow],
+    prompt: SoftPrompt,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    output_dir: Path,
+    run: RunHandle,
+) -> list[EpochCheckpoint]:
+    """LoRA on the model with the frozen stage-1 prompt prepended; an adapter saved after every epoch."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_prompt_length(model, prompt.length, cfg.max_length)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_model = get_peft_model(model, lora_config(cfg))
+    wrapped = SoftPromptedLM(peft_model, prompt.embeddings, trainable=False)
+    saver = _EpochAdapterSaver(peft_model, output_dir)
+    args = _arguments(
+        output_dir, learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed, epochs=cfg.epochs,
+        gradient_checkpointing=cfg.gradient_checkpointing, eval_rows=bool(val_rows),
+    )
+    if cfg.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    trainer = _PromptedTrainer(
+        model=wrapped,
+        args=args,
+        train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
+        eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
+        data_collator=ClassCollator(_pad_id(tokenizer)),
+        callbacks=[MlflowStepLogger(run), saver],
+    )
+    trainer.train()
+    return saver.saved
+
+
+def check_prompt_length(model, prompt_length: int, max_length: int) -> None:
+    """The prompt plus the longest training example must fit in the model's context."""
+    if prompt_length < 1:
+        raise PromotError(f"promot.prompt_length must be at least 1, got {prompt_length}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and prompt_length + max_length > context:
+        raise PromotError(
+            f"promot.prompt_length {prompt_length} + train.max_length {max_length} exceeds the model's context "
+            f"of {context} tokens"
+        )
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

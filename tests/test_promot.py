@@ -1,0 +1,154 @@
+"""ProMoT's two stages on a tiny random Llama over SmolLM2's real tokenizer (millisecond forwards).
+
+What must hold whatever the data: stage 1 moves only the prompt, stage 2 only LoRA (the prompt stays
+bit-for-bit), the saved artifacts reload and reproduce the same greedy outputs, and bad inputs are one-line
+errors before anything is trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import data, formats, promot
+from harness.config import PromotConfig, Stage1Config, TrainConfig, parse_config
+from harness.errors import HarnessError
+from harness.generation import generate_responses
+from harness.models import load_adapter, load_model
+from harness.sft import user_message
+
+
+class RecordingRun:
+    """Stands in for an MLflow run handle: keeps what the step logger sends."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=0):
+        self.metrics.append((step, dict(metrics)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model("smollm2-135m-instruct", device="cpu")[1]
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def rows():
+    procedures = sorted(data.load_procedures(None), key=lambda p: len(" ".join(p.steps)))[:12]
+    return formats.build_task_rows(procedures, "json")
+
+
+def settings(**stage1) -> PromotConfig:
+    return PromotConfig(prompt_length=8, stage1=Stage1Config(batch_size=4, grad_accum=1, warmup_steps=0, **stage1))
+
+
+TRAIN = TrainConfig(learning_rate=1e-3, warmup_steps=0, batch_size=4, grad_accum=1, epochs=2, max_length=128)
+
+
+def conversations(rows):
+    return [[{"role": "user", "content": user_message(row)}] for row in rows]
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_stage1_trains_only_the_prompt_and_its_artifact_reproduces_outputs(tokenizer, rows, tmp_path):
+    model = tiny_model(tokenizer)
+    before = weights(model)
+    start = promot.initial_prompt(model, tokenizer, 8, "random", None, seed=0)
+    run = RecordingRun()
+    prompt = promot.train_stage1(model, tokenizer, rows, settings(epochs=1.5), TRAIN, seed=0,
+                                 output_dir=tmp_path / "stage1", run=run, meta={"model": "tiny", "model_digest": "d1"})
+    after = weights(model)
+    assert all(torch.equal(before[name], after[name]) for name in before), "stage 1 changed the model"
+    assert not torch.equal(prompt.embeddings, start), "stage 1 did not move the prompt"
+    # 12 rows / batch 4 = 3 steps an epoch; 1.5 epochs → 5 steps (rounded up), one loss each.
+    assert prompt.meta["steps"] == 5 and len([m for _, m in run.metrics if "train_loss" in m]) == 5
+    # JSON rows have format tokens, so both class losses are logged (issue 10).
+    assert all("train_loss_format" in m and "train_loss_content" in m for _, m in run.metrics if "train_loss" in m)
+
+    reloaded = promot.SoftPrompt.load(tmp_path / "stage1", expect_model_digest="d1")
+    assert torch.equal(reloaded.embeddings, prompt.embeddings)
+    assert reloaded.meta["length"] == 8 and reloaded.meta["model"] == "tiny"
+    batch = tokenizer([user_message(row) for row in rows[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        trained_logits = promot.SoftPromptedLM(model, prompt.embeddings, trainable=False)(**batch).logits
+        reloaded_logits = promot.SoftPromptedLM(model, reloaded.embeddings, trainable=False)(**batch).logits
+        initial_logits = promot.SoftPromptedLM(model, start, trainable=False)(**batch).logits
+    assert torch.equal(trained_logits, reloaded_logits), "the reloaded prompt computes something else"
+    assert not torch.allclose(trained_logits, initial_logits), "the trained prompt changes nothing"
+    prompts = conversations(rows[:4])
+    first = generate_responses(promot.SoftPromptedLM(model, prompt.embeddings, trainable=False), tokenizer, prompts,
+                               max_new_tokens=8, progress=False)
+    again = generate_responses(promot.SoftPromptedLM(model, reloaded.embeddings, trainable=False), tokenizer, prompts,
+                               max_new_tokens=8, progress=False)
+    assert first == again
+
+
+def test_stage2_keeps_the_prompt_and_base_weights_and_saves_every_epoch(tokenizer, rows, tmp_path):
+    model = tiny_model(tokenizer)
+    before = weights(model)
+    prompt = promot.SoftPrompt(promot.initial_prompt(model, tokenizer, 8, "random", None, seed=1), {"model_digest": "d1"})
+    prompt_before = prompt.embeddings.clone()
+    run = RecordingRun()
+    checkpoints = promot.train_stage2(model, tokenizer, rows[:8], rows[8:10], prompt, TRAIN, seed=0,
+                                      output_dir=tmp_path / "stage2", run=run)
+    assert [c.epoch for c in checkpoints] == [1, 2]
+    assert all((c.path / "adapter_config.json").is_file() for c in checkpoints)
+    assert torch.equal(prompt.embeddings, prompt_before), "stage 2 changed the stage-1 prompt"
+    trained = model  # get_peft_model injected LoRA layers into this very model
+    base_after = {name.replace("base_layer.", ""): tensor for name, tensor in weights(trained).items() if "lora_" not in name}
+    assert all(torch.equal(before[name], base_after[name]) for name in before), "stage 2 changed a base weight"
+    assert any("eval_loss" in m for _, m in run.metrics)
+
+    # Inference drops the prompt: a fresh base model + the saved adapter reproduces the trained model's outputs.
+    prompts = conversations(rows[:4])
+    from peft import PeftModel
+
+    assert isinstance(trained, torch.nn.Module)
+    live = generate_responses(trained, tokenizer, prompts, max_new_tokens=8, progress=False)
+    reloaded = load_adapter(tiny_model(tokenizer), checkpoints[-1].path)
+    assert isinstance(reloaded, PeftModel)
+    assert generate_responses(reloaded, tokenizer, prompts, max_new_tokens=8, progress=False) == live
+
+
+def test_bad_inputs_are_one_line_errors(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    with pytest.raises(promot.PromotError, match="exceeds the model's context of 512"):
+        promot.check_prompt_length(model, 500, 64)
+    with pytest.raises(promot.PromotError, match="stage-1 prompt not found"):
+        promot.SoftPrompt.load(tmp_path / "nowhere")
+    promot.SoftPrompt(torch.zeros(4, 32), {"model": "other", "model_digest": "aaa"}).save(tmp_path / "p")
+    with pytest.raises(promot.PromotError, match="trained on model 'other'"):
+        promot.SoftPrompt.load(tmp_path / "p", expect_model_digest="bbb")
+    meta = json.loads((tmp_path / "p" / promot.META_FILE).read_text())
+    (tmp_path / "p" / promot.META_FILE).write_text(json.dumps({**meta, "sha256": "0" * 16}))
+    with pytest.raises(promot.PromotError, match="does not match the checksum"):
+        promot.SoftPrompt.load(tmp_path / "p")
+    for bad, path in (({"prompt_length": 0}, "train.promot.prompt_length"),
+                      ({"stage1": {"epochs": 0}}, "train.promot.stage1.epochs"),
+                      ({"init": "text"}, "train.promot")):
+        with pytest.raises(HarnessError, match=path.replace(".", r"\.")):
+            parse_config({"name": "x", "model": "m", "train": {"methods": ["promot"], "promot": bad}})
+
+
+def test_stage1_step_count_handles_fractional_epochs():
+    assert promot.stage1_steps(1425, 16, 2, 0.5) == 23  # Study B: half of 45 steps, rounded up
+    assert promot.stage1_steps(3, 16, 2, 0.1) == 1
