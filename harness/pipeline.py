@@ -13,6 +13,7 @@ from pathlib import Path
 from harness import data, formats, promot
 from harness.config import DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
 from harness.evaluation import generate, judge_safety, score_task
+from harness.judge_validation import latest_validation, validation_tags
 from harness.judges import Judge, KeywordJudge, LLMJudge
 from harness.generation import generate_responses
 from harness.metrics import task_metrics
@@ -94,6 +95,11 @@ class ExperimentRunner:
         if "promot" in cfg.train.methods:
             self.check_promot()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
+        # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every
+        # harmful evaluation; "none" when the judge was never validated in this store.
+        self.judge_validation = {
+            judge.name: validation_tags(latest_validation(self.tracker, judge.name, judge.version)) for judge in self.judges
+        }
 
     def check_promot(self) -> None:
         """ProMoT's inputs that only a loaded model can check: the prompt fits, a reused prompt matches."""
@@ -248,7 +254,8 @@ class ExperimentRunner:
                 "decoding": decoding.model_dump(mode="json"), "repeat": tags["repeat"], "seed_eval": seed,
                 "judge": f"{judge.name}:{judge.version}",
             }
-            eval_tags = {**tags, "benchmark": HARMFUL_BENCHMARK, "judge": f"{judge.name}:{judge.version}"}
+            eval_tags = {**tags, "benchmark": HARMFUL_BENCHMARK, "judge": f"{judge.name}:{judge.version}",
+                         **self.judge_validation[judge.name]}
             with self.tracker.run("evaluation", f"{HARMFUL_BENCHMARK}-{judge.name}-{suffix}", eval_tags, parent=parent,
                                   config=eval_unit, config_hash=config_hash(eval_unit)) as run:
                 result = judge_safety(prompts, responses, judge, seed=seed)

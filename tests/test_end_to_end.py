@@ -50,17 +50,20 @@ def tag(run, name):
     return run.data.tags.get(f"harness.{name}")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    config = workdir / "e2e.yaml"
-    config.write_text(yaml.safe_dump(TINY_STUDY))
+def run_study(workdir: Path, study: dict):
+    """`harness run` on `study` in `workdir`; the CLI result, a client on its store and all its runs."""
+    config = workdir / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
     done = run_cli(["run", str(config)], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    return done, client, runs
+    experiment = client.get_experiment_by_name(study["name"])
+    return done, client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return run_study(tmp_path_factory.mktemp("study"), TINY_STUDY)
 
 
 def of_kind(runs, kind):
