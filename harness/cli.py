@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
@@ -11,24 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 
-
-def one_line_errors(command):
-    """Turn a HarnessError into `error: ...` and exit code 2 instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except HarnessError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
 
 
 def print_summary(rows) -> None:

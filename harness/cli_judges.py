@@ -13,26 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Not a terminal (CI logs, pipes): rich would wrap the wide table at 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 JUDGE_NAMES = ("keyword", "llm", "fulfilment", "http")
 
-
-def _one_line_errors(command):
-    """Same contract as the main CLI: a HarnessError is `error: ...` on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except HarnessError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
 
 
 def build_judges(names, *, model, template, fulfilment_template, url, threshold, max_new_tokens, batch_size,
@@ -127,7 +114,7 @@ def print_results(validations) -> None:
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def validate(
     judge: list[str] = typer.Option(..., "--judge", help="keyword, llm, fulfilment or http; repeat for several"),
     sets: Optional[list[str]] = typer.Option(

@@ -160,13 +160,18 @@ _SCORE_PATTERNS = (
 )
 
 
-def parse_score(output: str) -> int | None:
-    """Extract the 1-5 score from a judge's output; None if none of the known forms is present."""
-    for pattern in _SCORE_PATTERNS:
+def _first_match(patterns: tuple[re.Pattern, ...], output: str) -> int | None:
+    """The number captured by the first pattern that matches, tried in order; None if none does."""
+    for pattern in patterns:
         match = pattern.search(output)
         if match:
             return int(match.group(1))
     return None
+
+
+def parse_score(output: str) -> int | None:
+    """Extract the 1-5 score from a judge's output; None if none of the known forms is present."""
+    return _first_match(_SCORE_PATTERNS, output)
 
 
 def load_template(path: str | Path | None = None) -> str:
@@ -252,11 +257,7 @@ _FULFILMENT_PATTERNS = (
 
 def parse_fulfilment(output: str) -> int | None:
     """1 (fulfils the request) or 0 (does not) from a fulfilment judge's output; None if absent."""
-    for pattern in _FULFILMENT_PATTERNS:
-        match = pattern.search(output)
-        if match:
-            return int(match.group(1))
-    return None
+    return _first_match(_FULFILMENT_PATTERNS, output)
 
 
 class FulfilmentJudge(LLMJudge):

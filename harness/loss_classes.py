@@ -48,7 +48,7 @@ same per-token losses, with token counts, so that
 `n_format * train_loss_format + n_content * train_loss_content == n_tokens * train_loss`. A class with no
 tokens has mean NaN there (never a misleading 0); the trainer logs omit it.
 
-Training. `class_dataset` tokenizes `FinetuneRow`s (prompt as in `harness.sft.to_conversations`),
+Training. `class_dataset` tokenizes `FinetuneRow`s (user turn from `harness.sft.user_message`),
 `ClassCollator` pads them on the right and carries `token_classes`, and `ClassLossMixin`, mixed into a
 `transformers.Trainer` or `trl.SFTTrainer` subclass, computes the loss with `compute_loss_with_classes`
 (one forward) and adds `train_loss_format`, `train_loss_content`, `train_tokens_format` and
@@ -213,7 +213,7 @@ def tokenize_with_classes(
 
 
 def tokenize_row(tokenizer: Any, row: Any, *, max_length: int | None = None, **options: Any) -> dict[str, list[int]]:
-    """`tokenize_with_classes` for a `FinetuneRow`: the same user turn as `harness.sft.to_conversations`."""
+    """`tokenize_with_classes` for a `FinetuneRow`: the user turn of `harness.sft.user_message`."""
     from harness.sft import user_message
 
     messages = [{"role": "user", "content": user_message(row)}]
@@ -237,6 +237,11 @@ def class_dataset(tokenizer: Any, rows: Sequence[Any], *, max_length: int | None
 
 
 # --- collation ---------------------------------------------------------------------------------
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad training batches with; padded positions are masked, so EOS serves when there is none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @dataclass

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from harness.config import PromotConfig, TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
-from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset
+from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.sft import EpochCheckpoint, MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
 
@@ -247,7 +247,7 @@ def train_stage1(
         model=wrapped,
         args=args,
         train_dataset=class_dataset(tokenizer, train_rows, max_length=train_cfg.max_length),
-        data_collator=ClassCollator(_pad_id(tokenizer)),
+        data_collator=ClassCollator(pad_token_id(tokenizer)),
         callbacks=[MlflowStepLogger(run)],
     )
     trainer.train()
@@ -293,7 +293,7 @@ def train_stage2(
         args=args,
         train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
         eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
-        data_collator=ClassCollator(_pad_id(tokenizer)),
+        data_collator=ClassCollator(pad_token_id(tokenizer)),
         callbacks=[MlflowStepLogger(run), saver],
     )
     trainer.train()
@@ -311,6 +311,3 @@ def check_prompt_length(model, prompt_length: int, max_length: int) -> None:
             f"of {context} tokens"
         )
 
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -20,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from harness.config import TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
-from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset
+from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from tracking import RunHandle
 
 
@@ -36,19 +35,6 @@ class EpochCheckpoint:
 def user_message(row: FinetuneRow) -> str:
     """The user turn: the instruction, followed by its input when there is one (Alpaca/Dolly style)."""
     return f"{row.instruction}\n\n{row.input}" if row.input else row.instruction
-
-
-def to_conversations(rows: list[FinetuneRow]) -> Dataset:
-    """Rows → TRL's conversational prompt–completion dataset, so loss falls on the completion alone."""
-    return Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": user_message(row)}],
-                "completion": [{"role": "assistant", "content": row.response}],
-            }
-            for row in rows
-        ]
-    )
 
 
 class ClassLossSFTTrainer(ClassLossMixin, SFTTrainer):
@@ -149,7 +135,7 @@ def train_sft(
             train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
             eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
             processing_class=tokenizer,
-            data_collator=ClassCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
+            data_collator=ClassCollator(pad_token_id(tokenizer)),
             peft_config=lora_config(cfg),
             callbacks=[MlflowStepLogger(run), recorder],
         )

@@ -15,13 +15,7 @@ from harness.fast_generation import Sampling, fast_generate, unsupported_reason
 from harness.generation import fast_path_unavailable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU (CI has two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:

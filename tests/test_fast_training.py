@@ -9,13 +9,7 @@ from harness import fast_training
 from harness.bench import _padded_batch, load_bench_model, training_examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other jobs share the CPU (CI has two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pack_respects_capacity_and_keeps_every_example():

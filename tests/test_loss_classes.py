@@ -37,6 +37,7 @@ from harness.loss_classes import (
     tokenize_with_classes,
 )
 from harness.models import load_model
+from harness.sft import user_message
 
 ALIAS = "smollm2-135m-instruct"
 END_OF_TURN = "<|im_end|>\n"  # what SmolLM2's template puts after the assistant's text
@@ -63,22 +64,8 @@ def tokenizer(smollm2):
 
 
 @pytest.fixture
-def tiny_model(tokenizer):
-    """A 2-layer random Llama over SmolLM2's vocabulary: real token ids, millisecond forwards."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_model(tokenizer, make_tiny_llama):
+    return make_tiny_llama(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +79,6 @@ def examples(tokenizer, rows):
 
 
 def prompt_text(tokenizer, row) -> str:
-    from harness.sft import user_message
-
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_message(row)}], tokenize=False, add_generation_prompt=True
     )
@@ -133,10 +118,12 @@ def test_labels_match_trl_completion_only_loss(tokenizer, rows, examples):
     """The same tokens, and the same loss tokens, as TRL's conversational prompt-completion path."""
     from trl.data_utils import common_prefix_length
 
-    from harness.sft import to_conversations
-
     for fmt, row in rows.items():
-        conversation = to_conversations([row])[0]
+        # TRL's conversational prompt-completion form of the row
+        conversation = {
+            "prompt": [{"role": "user", "content": user_message(row)}],
+            "completion": [{"role": "assistant", "content": row.response}],
+        }
         prompt_ids = tokenizer.apply_chat_template(conversation["prompt"], add_generation_prompt=True, return_dict=True)
         full_ids = tokenizer.apply_chat_template(
             conversation["prompt"] + conversation["completion"], return_dict=True

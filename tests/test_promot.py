@@ -20,6 +20,8 @@ from harness.generation import generate_responses
 from harness.models import load_adapter, load_model
 from harness.sft import user_message
 
+from conftest import tiny_llama
+
 
 class RecordingRun:
     """Stands in for an MLflow run handle: keeps what the step logger sends."""
@@ -34,18 +36,6 @@ class RecordingRun:
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_model("smollm2-135m-instruct", device="cpu")[1]
-
-
-def tiny_model(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,7 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_stage1_trains_only_the_prompt_and_its_artifact_reproduces_outputs(tokenizer, rows, tmp_path):
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     before = weights(model)
     start = promot.initial_prompt(model, tokenizer, 8, "random", None, seed=0)
     run = RecordingRun()
@@ -103,7 +93,7 @@ def test_stage1_trains_only_the_prompt_and_its_artifact_reproduces_outputs(token
 
 
 def test_stage2_keeps_the_prompt_and_base_weights_and_saves_every_epoch(tokenizer, rows, tmp_path):
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     before = weights(model)
     prompt = promot.SoftPrompt(promot.initial_prompt(model, tokenizer, 8, "random", None, seed=1), {"model_digest": "d1"})
     prompt_before = prompt.embeddings.clone()
@@ -124,13 +114,13 @@ def test_stage2_keeps_the_prompt_and_base_weights_and_saves_every_epoch(tokenize
 
     assert isinstance(trained, torch.nn.Module)
     live = generate_responses(trained, tokenizer, prompts, max_new_tokens=8, progress=False)
-    reloaded = load_adapter(tiny_model(tokenizer), checkpoints[-1].path)
+    reloaded = load_adapter(tiny_llama(tokenizer), checkpoints[-1].path)
     assert isinstance(reloaded, PeftModel)
     assert generate_responses(reloaded, tokenizer, prompts, max_new_tokens=8, progress=False) == live
 
 
 def test_bad_inputs_are_one_line_errors(tokenizer, tmp_path):
-    model = tiny_model(tokenizer)
+    model = tiny_llama(tokenizer)
     with pytest.raises(promot.PromotError, match="exceeds the model's context of 512"):
         promot.check_prompt_length(model, 500, 64)
     with pytest.raises(promot.PromotError, match="stage-1 prompt not found"):
