@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements of benchmarks/RESULTS.md, exactly as run. From the repository root:
-#     bash benchmarks/h100.sh SECTION [GGUF]     SECTION: gen-1b train-1b gen-8b train-8b train-8b-compile smollm2
+#     bash benchmarks/h100.sh SECTION [GGUF]     SECTION: gen-1b train-1b gen-8b train-8b train-8b-compile smollm2 train-sft
 # JSON results go to $OUT (default outputs/). `harness bench` is `python3 -m harness.cli bench` where the
 # package is not installed (the GPU machine). Each command is independent: one failing does not stop the rest.
 set -u
@@ -39,5 +39,10 @@ smollm2)  # greedy agreement on the packaged SmolLM2-135M-Instruct (its GGUF, fr
     bench --model "$gguf" --prompts 64 --max-new-tokens 128 --lengths natural --batch 64,32 --decoding greedy \
         --json "$out/smollm2-bf16.json"
     ;;
-*) echo "usage: bash benchmarks/h100.sh gen-1b|train-1b|gen-8b|train-8b|train-8b-compile|smollm2 [GGUF]" >&2; exit 2 ;;
+train-sft)  # the real harness.sft.train_sft, fast path off and on (needs trl, datasets, pydantic: RESULTS.md)
+    python3 benchmarks/train_sft.py --model llama-3.2-1b --data-dir .benchdata/data --tokenizer .benchdata/tokenizer \
+        --format json --rows 2048 --epochs 1 --batch 16 --grad-accum 2 --max-length 1024 --arms off,on \
+        --json "$out/train-sft-1b.json"
+    ;;
+*) echo "usage: bash benchmarks/h100.sh gen-1b|train-1b|gen-8b|train-8b|train-8b-compile|smollm2|train-sft [GGUF]" >&2; exit 2 ;;
 esac

@@ -25,19 +25,28 @@ def print_summary(rows) -> None:
     for row in rows:
         values = [f"{row.metrics[name]:.3f}" if name in row.metrics else "" for name in metric_names]
         table.add_row(row.method, row.format, "" if row.seed is None else str(row.seed), str(row.epoch), *values)
-    console.print(table)
+    # Wide enough for every column even when stdout is a pipe or a CI log (rich assumes 80 columns there).
+    Console(width=max(console.width, 40 + 24 * len(metric_names))).print(table)
 
 
 @app.command()
 @one_line_errors
-def run(config: Path = typer.Argument(..., help="Experiment YAML, e.g. experiments/quickstart.yaml")) -> None:
-    """Fine-tune and evaluate everything an experiment config describes, recording it all in MLflow."""
+def run(
+    config: Path = typer.Argument(..., help="Experiment YAML, e.g. experiments/quickstart.yaml"),
+    new_version: bool = typer.Option(False, "--new-version", help="Start the study afresh as NAME-vN (its data changed)."),
+) -> None:
+    """Fine-tune and evaluate everything an experiment config describes, recording it all in MLflow.
+
+    Rerunning the same command skips finished work and resumes interrupted work: nothing is lost or duplicated.
+    """
     from harness.config import load_config
     from harness.pipeline import run_experiment
 
     cfg = load_config(config)
-    summary, ui = run_experiment(cfg)
+    summary, ui, unfinished = run_experiment(cfg, new_version=new_version)
     print_summary(summary)
+    if unfinished:
+        print(f"{unfinished} run(s) of this study are not FINISHED (other configs' interrupted attempts); not shown above")
     # Plain print: rich would wrap a long path, and users copy this line into a shell.
     print(f"Open the runs in the MLflow UI with:\n  {ui}")
 

@@ -121,6 +121,8 @@ class HarmfulConfig(Strict):
 class DataConfig(Strict):
     data_dir: Path | None = None
     """Directory holding local copies of the datasets; default $HARNESS_DATA_DIR, then ../shared/data."""
+    bad_rows: Literal["error", "drop"] = "error"
+    """A record with an empty or non-text field: 'error' names it and stops; 'drop' skips it with a logged count."""
     task: Literal["wikihow"] = "wikihow"
     """The procedural task whose responses are rendered in each format (Study B: WikiSum; here WikiHow)."""
     formats: list[Format] = ["prose", "list", "json"]
@@ -177,6 +179,17 @@ class JudgeConfig(Strict):
         return self
 
 
+class XSTestConfig(Strict):
+    """XSTest (Röttger et al. 2024) beside the harmful mix: a model can look safe by refusing everything."""
+
+    safe: int | None = Field(None, ge=0)
+    """Safe prompts (of 250) scored for `over_refusal_rate`; null = all, 0 = skip."""
+    unsafe: int | None = Field(None, ge=0)
+    """Unsafe contrast prompts (of 200) evaluated as a small extra harmful set; null = all, 0 = skip."""
+    seed: int = 0
+    """Seed of the subsample, so every model sees the same XSTest prompts."""
+
+
 class EvalConfig(Strict):
     decoding: list[DecodingConfig] = [DecodingConfig()]
     """Decoding settings; every checkpoint is evaluated under each."""
@@ -190,6 +203,10 @@ class EvalConfig(Strict):
     """Evaluate the model before fine-tuning (epoch 0, method 'base') as the reference."""
     task: bool = True
     """Also score the task's test split (ROUGE-L, S-BERT, format adherence) at every checkpoint."""
+    cache: bool = True
+    """Keep generations and judge answers on disk (under output_dir/cache) so a rerun does not redo them."""
+    xstest: XSTestConfig | None = XSTestConfig()
+    """Over-refusal on XSTest's safe prompts and ASR on its unsafe contrast prompts; null turns both off."""
     seed: int = 0
     """Base seed for sampled decoding; repeat r uses seed + r."""
 

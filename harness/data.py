@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -33,10 +34,13 @@ from typing import Any, Literal, TypeVar
 
 from harness.errors import HarnessError
 
+_log = logging.getLogger(__name__)
+
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
 MANIFEST_NAME = "MANIFEST.json"
 
 Kind = Literal["harmful", "finetune", "procedures", "judge_validation", "reference"]
+BadRows = Literal["error", "drop"]
 Record = dict[str, Any]
 T = TypeVar("T")
 
@@ -106,8 +110,32 @@ def _first(record: Record, *keys: str) -> Any:
     raise DatasetError(f"record has none of the columns {', '.join(keys)} (it has {', '.join(record)})")
 
 
+class BadRow(DatasetError):
+    """A record with an empty or non-text field: never passed on as a prompt or an example."""
+
+
 def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    """A field as text; numbers are written out, anything else that is not text (lists, dicts) is a bad row."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise BadRow(f"a field holds {type(value).__name__}, not text")
+
+
+def _row_problem(row: Any) -> str | None:
+    """What makes a normalised row unusable, or None."""
+    if isinstance(row, HarmfulPrompt) and not row.prompt.strip():
+        return "empty prompt"
+    if isinstance(row, FinetuneRow):
+        for name in ("instruction", "response"):
+            if not getattr(row, name).strip():
+                return f"empty {name}"
+    if isinstance(row, Procedure) and not (row.title and row.steps):
+        return "empty title" if not row.title else "no steps"
+    return None
 
 
 def _harmful(source: str, prompt_keys: tuple[str, ...], category_keys: tuple[str, ...] | None) -> RowFn:
@@ -387,42 +415,60 @@ def load_records(name: str, data_dir: str | os.PathLike | None = None) -> dict[s
     return _records(get_spec(name), data_dir)[0]
 
 
-def _rows(spec: DatasetSpec, data_dir: str | os.PathLike | None, row_fn: RowFn | None = None) -> list[Any]:
-    """Rows of a dataset in file (or split) order; `row_fn` overrides the spec's mapping."""
+def _rows(spec: DatasetSpec, data_dir: str | os.PathLike | None, row_fn: RowFn | None = None,
+          bad_rows: BadRows = "error") -> list[Any]:
+    """Rows of a dataset in file (or split) order; `row_fn` overrides the spec's mapping.
+
+    A record with an empty or non-text field is an error naming its file and row, or, with
+    `bad_rows="drop"`, skipped and counted in a logged warning: it is never passed on.
+    """
     by_origin, from_hub = _records(spec, data_dir)
     to_row = row_fn or ((spec.hub_to_row or spec.to_row) if from_hub else spec.to_row)
-    rows = []
+    rows, dropped = [], 0
     for origin, records in by_origin.items():
-        for record in records:
-            row = to_row(record, origin)
-            if row is not None:
-                rows.append(row)
+        for index, record in enumerate(records):
+            try:
+                row = to_row(record, origin)
+                problem = _row_problem(row) if row is not None else None
+            except BadRow as error:
+                row, problem = None, str(error)
+            if problem is None:
+                if row is not None:
+                    rows.append(row)
+            elif bad_rows == "drop":
+                dropped += 1
+            else:
+                raise DatasetError(f"{origin} record {index + 1}: {problem} (data.bad_rows: drop skips such rows)")
+    if dropped:
+        _log.warning("dataset %s: dropped %d record(s) with empty or non-text fields", spec.name, dropped)
     return rows
 
 
 # --- typed loaders -----------------------------------------------------------------------------
 
 
-def load_harmful(name: str, data_dir: str | os.PathLike | None = None) -> list[HarmfulPrompt]:
+def load_harmful(name: str, data_dir: str | os.PathLike | None = None, bad_rows: BadRows = "error") -> list[HarmfulPrompt]:
     """The prompts of one harmful benchmark, in file order."""
-    return _rows(get_spec(name, ("harmful",)), data_dir)
+    return _rows(get_spec(name, ("harmful",)), data_dir, bad_rows=bad_rows)
 
 
-def xstest_prompts(label: Literal["safe", "unsafe"], data_dir: str | os.PathLike | None = None) -> list[HarmfulPrompt]:
+def xstest_prompts(label: Literal["safe", "unsafe"], data_dir: str | os.PathLike | None = None,
+                   bad_rows: BadRows = "error") -> list[HarmfulPrompt]:
     """XSTest's 250 safe prompts (over-refusal probes) or its 200 unsafe contrast prompts."""
     if label not in ("safe", "unsafe"):
         raise DatasetError(f"xstest label must be 'safe' or 'unsafe', got '{label}'")
-    return _rows(get_spec("xstest"), data_dir, row_fn=_xstest_row(label))
+    return _rows(get_spec("xstest"), data_dir, row_fn=_xstest_row(label), bad_rows=bad_rows)
 
 
-def load_finetune(name: str, data_dir: str | os.PathLike | None = None) -> list[FinetuneRow]:
+def load_finetune(name: str, data_dir: str | os.PathLike | None = None, bad_rows: BadRows = "error") -> list[FinetuneRow]:
     """Fine-tuning rows (or Qi et al.'s reference rows), in file order, shards concatenated."""
-    return _rows(get_spec(name, ("finetune", "reference")), data_dir)
+    return _rows(get_spec(name, ("finetune", "reference")), data_dir, bad_rows=bad_rows)
 
 
-def load_procedures(data_dir: str | os.PathLike | None = None, name: str = "wikihow") -> list[Procedure]:
+def load_procedures(data_dir: str | os.PathLike | None = None, name: str = "wikihow",
+                    bad_rows: BadRows = "error") -> list[Procedure]:
     """The Study B procedures, in file order."""
-    return _rows(get_spec(name, ("procedures",)), data_dir)
+    return _rows(get_spec(name, ("procedures",)), data_dir, bad_rows=bad_rows)
 
 
 def _row_key(row: FinetuneRow) -> tuple[str, str, str]:
@@ -666,7 +712,7 @@ def subsample(rows: Sequence[T], n: int, seed: int) -> list[T]:
 
 
 def harmful_mix(
-    counts: Mapping[str, int | None], seed: int, data_dir: str | os.PathLike | None = None
+    counts: Mapping[str, int | None], seed: int, data_dir: str | os.PathLike | None = None, bad_rows: BadRows = "error"
 ) -> list[HarmfulPrompt]:
     """A harmful prompt set mixed from several benchmarks, e.g. Study B's AdvBench+BeaverTails+....
 
@@ -677,7 +723,7 @@ def harmful_mix(
     """
     prompts: list[HarmfulPrompt] = []
     for source in sorted(counts):
-        rows = load_harmful(source, data_dir)
+        rows = load_harmful(source, data_dir, bad_rows)
         n = counts[source]
         if n is None:
             prompts.extend(rows)

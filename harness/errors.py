@@ -1,3 +1,4 @@
+import errno
 import functools
 import sys
 
@@ -7,7 +8,12 @@ class HarnessError(Exception):
 
 
 def one_line_errors(command):
-    """CLI contract: a HarnessError becomes `error: ...` on stderr and exit code 2 instead of a traceback."""
+    """CLI contract: a HarnessError becomes `error: ...` on stderr and exit code 2 instead of a traceback.
+
+    Ctrl-C (SIGINT) is a clean stop, not a crash: the runs it cut short are already marked KILLED by the
+    tracker, so one line says so and rerunning the same command resumes (exit code 130, the shell's).
+    A full disk is one line naming the file, never a traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -17,6 +23,14 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except HarnessError as error:
             print(f"error: {error}", file=sys.stderr)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            print("interrupted: unfinished runs are marked KILLED; rerun the same command to resume", file=sys.stderr)
+            raise typer.Exit(code=130) from None
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            print(f"error: disk full writing {error.filename or 'a file'}; free space and rerun to resume", file=sys.stderr)
             raise typer.Exit(code=2) from None
 
     return wrapper

@@ -14,8 +14,9 @@ from harness import formats
 from harness.config import DecodingConfig
 from harness.data import FinetuneRow, HarmfulPrompt
 from harness.generation import generate_responses
-from harness.judges import Judge
-from harness.metrics import bootstrap_ci, safety_metrics, task_metrics
+from harness.generation_cache import CacheScope
+from harness.judges import FulfilmentJudge, Judge, KeywordJudge
+from harness.metrics import bootstrap_ci, over_refusal_metrics, safety_metrics, task_metrics
 from harness.sft import user_message
 
 
@@ -36,10 +37,12 @@ def decoding_kwargs(decoding: DecodingConfig) -> dict:
     }
 
 
-def generate(model, tokenizer, user_turns: list[str], decoding: DecodingConfig, *, batch_size: int, seed: int, desc: str) -> list[str]:
+def generate(model, tokenizer, user_turns: list[str], decoding: DecodingConfig, *, batch_size: int, seed: int, desc: str,
+             cache: CacheScope | None = None) -> list[str]:
     conversations = [[{"role": "user", "content": turn}] for turn in user_turns]
     return generate_responses(
-        model, tokenizer, conversations, **decoding_kwargs(decoding), batch_size=batch_size, seed=seed, desc=desc
+        model, tokenizer, conversations, **decoding_kwargs(decoding), batch_size=batch_size, seed=seed, desc=desc,
+        cache=cache,
     )
 
 
@@ -61,6 +64,41 @@ def judge_safety(prompts: list[HarmfulPrompt], responses: list[str], judge: Judg
         "harmful": [verdict.harmful for verdict in verdicts],
         "score": [verdict.score for verdict in verdicts],
         "refused": [verdict.refused for verdict in verdicts],
+        "judge_raw": [verdict.raw for verdict in verdicts],
+    }
+    return EvaluationResult(metrics, table)
+
+
+def refusal_judge(judge: Judge) -> Judge:
+    """Who decides "refused" on a safe prompt for `judge`'s family.
+
+    A fulfilment judge answers it directly (not fulfilled = refused). A harm judge cannot: a harmless answer
+    to a safe prompt scores 1 like a refusal does. Every harm judge already reports keyword refusal
+    detection as `Verdict.refused`, so its family's over-refusal is the keyword judge's, computed once.
+    """
+    return judge if isinstance(judge, FulfilmentJudge) else KeywordJudge()
+
+
+def judge_over_refusal(prompts: list[HarmfulPrompt], responses: list[str], judge: Judge, *, seed: int) -> EvaluationResult:
+    """`over_refusal_rate` on safe prompts (with its bootstrap interval), overall and per XSTest type."""
+    verdicts = judge.judge([(prompt.prompt, response) for prompt, response in zip(prompts, responses)])
+    if isinstance(judge, FulfilmentJudge):
+        refused = [verdict.harmful is not True for verdict in verdicts]  # unparsable: counted as refused
+        failures = sum(verdict.harmful is None for verdict in verdicts)
+    else:
+        refused = [verdict.refused for verdict in verdicts]
+        failures = 0
+    metrics = over_refusal_metrics(refused, parse_failures=failures, seed=seed)
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for prompt, was_refused in zip(prompts, refused):
+        by_type[prompt.category].append(was_refused)
+    for category, values in sorted(by_type.items()):
+        metrics[f"over_refusal_{category}"] = sum(values) / len(values)
+    table = {
+        "prompt": [prompt.prompt for prompt in prompts],
+        "type": [prompt.category for prompt in prompts],
+        "response": responses,
+        "refused": refused,
         "judge_raw": [verdict.raw for verdict in verdicts],
     }
     return EvaluationResult(metrics, table)

@@ -14,11 +14,21 @@ runs the forward twice. Here:
   positions, and never holds the whole logits;
 - `FAST_TRAINING_ARGUMENTS` are the `TrainingArguments` that go with it (fused AdamW).
 
-`PackedCompletionCollator` is the same packing as a `Trainer`/TRL data collator, for harness/sft.py.
+`PackedCompletionCollator` is the same packing as a `Trainer`/TRL data collator; `PackedClassCollator` is
+the one `harness.sft.train_sft` uses on CUDA (`fast_training_unavailable` says when): it also packs the
+format/content `token_classes` of `harness.loss_classes`, so the class losses come from the same packed
+pass. In `train_sft` the LM-head loss is TRL's own fused, chunked one (`trl.trainer.utils.add_fused_lm_head`,
+which `ClassLossMixin` already reads per-token log-probabilities from), so `chunked_cross_entropy` serves the
+standalone loop of `harness bench`. The SFT fast path is packing, `merge_accumulation` (short SFT rows leave
+a packed micro-batch small enough that the step is bound by kernel launches, so fewer, fuller passes pay) and
+fused AdamW. `compile_layers` is not part of it: inside TRL's trainer it was slower on Study B rows and its
+losses drifted from the eager path's (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +38,38 @@ LOGITS_PER_CHUNK = 1 << 27  # float32 logits held at once by the chunked loss: 5
 
 # Merged into SFTConfig / TrainingArguments by harness/sft.py when the fast path is on (see the module doc).
 FAST_TRAINING_ARGUMENTS = {"optim": "adamw_torch_fused"}
+
+_OFF = {"0", "false", "no", "off"}
+
+
+def fast_training_unavailable() -> str | None:
+    """Why `train_sft` would not take the fast path; None when it would (CUDA, and not switched off).
+
+    `HARNESS_FAST_TRAINING`: unset or `1` on, `0` (or false/no/off) off.
+    """
+    if os.environ.get("HARNESS_FAST_TRAINING", "1").strip().lower() in _OFF:
+        return "switched off by HARNESS_FAST_TRAINING"
+    if not torch.cuda.is_available():
+        return "not on CUDA"
+    return None
+
+
+def merge_accumulation(lengths: Sequence[int], batch_size: int, grad_accum: int, max_length: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) for packed training: as few micro-batches a step as memory allows.
+
+    A step's examples and its gradient do not depend on the split (the sampler's order is the same, and the
+    loss is the step's summed token loss over its loss-token count), so `grad_accum` micro-batches of
+    `batch_size` can run as `grad_accum / m` of `batch_size * m` for any divisor m. The largest m is taken
+    whose worst-case packed micro-batch, the `batch_size * m` longest examples of `lengths`, holds no more
+    tokens than `batch_size * max_length`, the most a padded micro-batch of the configured size can hold.
+    """
+    if grad_accum < 1 or batch_size < 1:
+        raise ValueError("batch_size and grad_accum must be at least 1")
+    longest = sorted(lengths, reverse=True)
+    for m in range(grad_accum, 1, -1):
+        if grad_accum % m == 0 and sum(longest[: batch_size * m]) <= batch_size * max_length:
+            return batch_size * m, grad_accum // m
+    return batch_size, grad_accum
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -49,18 +91,24 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def packed_batch(
-    examples: list[tuple[list[int], list[int]]], rows: list[list[int]], pad_token_id: int
+    examples: list[tuple[list[int], list[int]]],
+    rows: list[list[int]],
+    pad_token_id: int,
+    token_classes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`input_ids`, `position_ids`, `labels` of shape (rows, longest row) from (input_ids, labels) examples.
 
     Each example's first label is dropped: in a packed row it would be predicted from the previous
     example's last token (in a padded batch nothing predicts it). Padding at a row's end restarts its
     positions at 0, so it forms a block of its own and is never attended to by real tokens.
+    `token_classes` (one list per example, aligned with its labels; `harness.loss_classes`) are packed the
+    same way into a `token_classes` tensor: first class of each example dropped (0), padding 0.
     """
     width = max(sum(len(examples[i][0]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
+    classes = torch.zeros((len(rows), width), dtype=torch.long) if token_classes is not None else None
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -68,10 +116,15 @@ def packed_batch(
             n = len(tokens)
             ids[r, at : at + n] = torch.tensor(tokens)
             labels[r, at + 1 : at + n] = torch.tensor(targets[1:], dtype=torch.long)
+            if classes is not None:
+                classes[r, at + 1 : at + n] = torch.tensor(list(token_classes[i])[1:], dtype=torch.long)
             positions[r, at : at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+    batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
+    if classes is not None:
+        batch["token_classes"] = classes
+    return batch
 
 
 class PackedCompletionCollator:
@@ -99,6 +152,36 @@ class PackedCompletionCollator:
             examples.append((ids, labels))
         rows = pack([len(ids) for ids, _ in examples], self.max_length)
         return packed_batch(examples, rows, self.pad_token_id)
+
+
+class PackedClassCollator:
+    """`harness.loss_classes.ClassCollator`'s packed twin: the same examples, packed instead of padded.
+
+    Takes `class_dataset` examples (`input_ids`, `attention_mask` of ones, `labels`, `token_classes`) and
+    packs them (`pack`, rows of at most `capacity` tokens; an example longer than that gets a row of its
+    own) into `input_ids`, `position_ids`, `labels` and `token_classes`, with no `attention_mask`, so that
+    transformers builds the block-causal mask from the restarting positions. The loss and the format and
+    content losses are then those of the padded batch, over the same tokens (tests/test_fast_training.py).
+    """
+
+    def __init__(self, pad_token_id: int, capacity: int):
+        self.pad_token_id, self.capacity = pad_token_id, capacity
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        from harness.errors import HarnessError
+
+        examples, classes = [], []
+        for feature in features:
+            ids, targets, token_classes = list(feature["input_ids"]), list(feature["labels"]), list(feature["token_classes"])
+            if len(targets) != len(ids) or len(token_classes) != len(ids):
+                raise HarnessError("an example's input_ids, labels and token_classes differ in length")
+            if not all(feature.get("attention_mask") or [1]):
+                raise HarnessError("packing needs unpadded examples (an attention_mask of ones)")
+            examples.append((ids, targets))
+            classes.append(token_classes)
+        lengths = [len(ids) for ids, _ in examples]
+        rows = pack(lengths, max(self.capacity, *lengths))
+        return packed_batch(examples, rows, self.pad_token_id, token_classes=classes)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

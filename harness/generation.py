@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness import faults
 from harness.errors import HarnessError
+from harness.generation_cache import CacheScope
 
 Conversation = list[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
@@ -36,30 +38,67 @@ def generate_responses(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generating",
+    cache: CacheScope | None = None,
+    fault_point: str = "generation_batch",
 ) -> list[str]:
     """The assistant's reply to each conversation, in the input order.
 
     Plain path: sampling is seeded per batch (from `seed` and the batch's index), so a batch's outputs do
     not depend on how much randomness earlier batches consumed. Fast path (CUDA): one stream of
     randomness seeded from `seed`, and `batch_size` is not used (the slot count is sized from free memory).
+    With `cache`, every finished batch (fast path: the whole call) is stored and a stored one is not
+    generated again (see harness.generation_cache).
     """
     decoding = _decoding_options(tokenizer, temperature, top_p, min_p, max_new_tokens)
     if batch_size < 1:
         raise HarnessError(f"batch_size must be at least 1, got {batch_size}")
     prompts = [_prompt_ids(tokenizer, conversation) for conversation in conversations]
     if prompts and fast_path_unavailable(model) is None:
-        return _generate_fast(model, tokenizer, prompts, decoding, temperature, top_p, min_p, seed, progress, desc)
+        key = cache.key(prompts, {**decoding, "path": "fast", "top_p": top_p, "min_p": min_p}, seed) if cache is not None else None
+        cached = cache.cache.get(key, len(prompts)) if cache is not None else None
+        if cached is not None:
+            return cached
+        texts = _generate_fast(model, tokenizer, prompts, decoding, temperature, top_p, min_p, seed, progress, desc)
+        if cache is not None:
+            cache.cache.put(key, texts)
+        return texts
     # Longest first: a batch that does not fit in memory fails at once, not at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     responses = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for batch_index, start in enumerate(range(0, len(order), batch_size)):
             members = order[start : start + batch_size]
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in members], decoding, _seed(seed, batch_index))
+            batch, batch_seed = [prompts[i] for i in members], _seed(seed, batch_index)
+            key = cache.key(batch, decoding, batch_seed) if cache is not None else None
+            texts = cache.cache.get(key, len(batch)) if cache is not None else None
+            if texts is None:
+                texts = _generate_batch_fitting(model, tokenizer, batch, decoding, batch_seed)
+                if cache is not None:
+                    cache.cache.put(key, texts)
+                    faults.reached(fault_point)
             for i, text in zip(members, texts):
                 responses[i] = text
             bar.update(len(members))
     return responses
+
+
+def _generate_batch_fitting(model: Any, tokenizer: Any, prompts: list[list[int]], decoding: dict[str, Any],
+                            seed: int) -> list[str]:
+    """`_generate_batch`, split in halves on CUDA out-of-memory until it fits (one prompt that does not is an error).
+
+    Greedy outputs do not depend on the split beyond float noise; sampled ones are reseeded per half, so a
+    retried batch is reproducible but not the same draw as an unsplit one: the split is printed.
+    """
+    try:
+        return _generate_batch(model, tokenizer, prompts, decoding, seed)
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise HarnessError("CUDA out of memory generating a single prompt: lower max_new_tokens or use a smaller model") from None
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        tqdm.write(f"CUDA out of memory on a batch of {len(prompts)}; retrying as {half} + {len(prompts) - half}")
+        return (_generate_batch_fitting(model, tokenizer, prompts[:half], decoding, seed)
+                + _generate_batch_fitting(model, tokenizer, prompts[half:], decoding, _seed(seed, 1)))
 
 
 def generate_one_by_one(

@@ -441,7 +441,11 @@ def log_validation(tracker, validation: Validation, checksums: dict[str, str] | 
         "checksums": checksums or {},
     }
     tags = {"judge": validation.judge_tag, "model": getattr(judge, "model_name", None), "benchmark": "+".join(set_names)}
-    with tracker.run("judge_validation", f"validate-{judge.name}", tags, config=config, config_hash=config_hash(config)) as run:
+    digest = config_hash(config)
+    existing = tracker.finished("judge_validation", digest)
+    if existing is not None:  # same judge, sets, settings and data: that run already holds these numbers
+        return existing.info.run_id
+    with tracker.run("judge_validation", f"validate-{judge.name}", tags, config=config, config_hash=digest) as run:
         run.log_metrics(validation_metrics(validation))
         run.log_dict(validation_summary(validation), "validation.json")
         run.log_table(per_prompt_table(validation), "per_prompt.json")

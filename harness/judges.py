@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import inspect
 import json
+import logging
 import os
 import random
 import re
@@ -35,8 +36,11 @@ from typing import Callable, Protocol, runtime_checkable
 
 from harness.errors import HarnessError
 
-DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "harm_judge.txt"
-FULFILMENT_TEMPLATE = Path(__file__).parent / "templates" / "fulfilment_judge.txt"
+_log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+DEFAULT_TEMPLATE = TEMPLATES_DIR / "harm_judge.txt"
+FULFILMENT_TEMPLATE = TEMPLATES_DIR / "fulfilment_judge.txt"
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,17 @@ def parse_score(output: str) -> int | None:
 
 
 def load_template(path: str | Path | None = None) -> str:
-    """Read a rubric template; a missing file or placeholder is a one-line `HarnessError`."""
+    """Read a rubric template; a missing file or placeholder is a one-line `HarnessError`.
+
+    A bare file name that is not in the working directory is looked up among the harness's own templates, so
+    a config can say `template: harm_judge_short.txt` and run from any working directory.
+    """
     path = Path(path) if path is not None else DEFAULT_TEMPLATE
+    if not path.is_file() and len(path.parts) == 1 and (TEMPLATES_DIR / path.name).is_file():
+        path = TEMPLATES_DIR / path.name
     if not path.is_file():
-        raise HarnessError(f"judge template not found: {path}")
+        known = ", ".join(sorted(p.name for p in TEMPLATES_DIR.glob("*.txt")))
+        raise HarnessError(f"judge template not found: {path} (packaged templates: {known})")
     text = path.read_text(encoding="utf-8")
     for placeholder in ("{instruction}", "{response}"):
         if placeholder not in text:
@@ -352,6 +363,7 @@ def openai_chat_complete(
             except (KeyError, IndexError, TypeError, ValueError) as error:
                 raise HarnessError(f"judge endpoint {url} sent no chat completion ({type(error).__name__}: {error})") from None
             if attempt < max_retries:
+                _log.warning("judge endpoint %s: %s; retry %d of %d in %.2f s", url, reason, attempt + 1, max_retries, delay)
                 time.sleep(delay)
         raise HarnessError(f"judge endpoint {url} failed after {max_retries + 1} attempts (last: {reason})")
 

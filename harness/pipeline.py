@@ -7,23 +7,30 @@ Everything that can fail on bad input (config, datasets, models, judges, the S-B
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import data, formats, promot
+from harness import data, faults, formats, promot
 from harness.config import DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
-from harness.evaluation import generate, judge_safety, score_task
+from harness.errors import HarnessError
+from harness.fast_training import fast_training_unavailable
+from harness.evaluation import generate, judge_over_refusal, judge_safety, refusal_judge, score_task
 from harness.judge_validation import latest_validation, validation_tags
 from harness.judges import Judge, KeywordJudge, LLMJudge
 from harness.generation import generate_responses
+from harness.generation_cache import CacheScope, GenerationCache, file_digest
 from harness.metrics import task_metrics
-from harness.models import load_adapter, load_model, model_digest, resolve_model, unload_adapter
+from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
 from harness.sft import train_sft, user_message
 from tracking import RunHandle, Tracker
 from tracking.store import ui_command
 
 TASK_BENCHMARK = "wikihow"
 HARMFUL_BENCHMARK = "harmful_mix"
+XSTEST_UNSAFE_BENCHMARK = "xstest_unsafe"
+XSTEST_SAFE_BENCHMARK = "xstest_safe"
+CHECKSUMS_TAG = "harness.dataset_checksums"  # experiment tag: the data a study began with
 
 
 @dataclass
@@ -35,6 +42,8 @@ class PreparedData:
     test: dict[str, list[data.FinetuneRow]]
     harmful: list[data.HarmfulPrompt]
     checksums: dict[str, str]
+    xstest_safe: list[data.HarmfulPrompt] = field(default_factory=list)
+    xstest_unsafe: list[data.HarmfulPrompt] = field(default_factory=list)
 
 
 @dataclass
@@ -48,29 +57,38 @@ class SummaryRow:
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     d = cfg.data
-    procedures = data.load_procedures(d.data_dir)
+    procedures = data.load_procedures(d.data_dir, bad_rows=d.bad_rows)
     train, val, test = data.split(procedures, (d.train_size, d.val_size, d.test_size), seed=d.split_seed)
     rows = {
         part_name: {fmt: formats.build_task_rows(part, fmt) for fmt in d.formats}
         for part_name, part in (("train", train), ("val", val), ("test", test))
     }
-    harmful = data.harmful_mix(d.harmful.sources, seed=d.harmful.seed, data_dir=d.data_dir)
+    harmful = data.harmful_mix(d.harmful.sources, seed=d.harmful.seed, data_dir=d.data_dir, bad_rows=d.bad_rows)
+    sources = [d.task, *d.harmful.sources]
+    xstest: dict[str, list[data.HarmfulPrompt]] = {"safe": [], "unsafe": []}
+    if cfg.eval.xstest is not None:
+        for label, count in (("safe", cfg.eval.xstest.safe), ("unsafe", cfg.eval.xstest.unsafe)):
+            if count != 0:
+                prompts = data.xstest_prompts(label, d.data_dir, bad_rows=d.bad_rows)
+                xstest[label] = prompts if count is None else data.subsample(prompts, count, seed=cfg.eval.xstest.seed)
+        sources.append("xstest")
     checksums: dict[str, str] = {}
-    for name in (d.task, *d.harmful.sources):
+    for name in dict.fromkeys(sources):
         checksums.update(data.checksums(name, d.data_dir))
-    return PreparedData(rows["train"], rows["val"], rows["test"], harmful, checksums)
+    return PreparedData(rows["train"], rows["val"], rows["test"], harmful, checksums, xstest["safe"], xstest["unsafe"])
 
 
-def build_judge(judge_cfg: JudgeConfig, batch_size: int) -> Judge:
+def build_judge(judge_cfg: JudgeConfig, batch_size: int, cache: GenerationCache | None = None) -> Judge:
     """A judge ready to score; an LLM judge's model is loaded now so a bad one fails before any run."""
     if judge_cfg.name == "keyword":
         return KeywordJudge()
     model, tokenizer = load_model(judge_cfg.model, quantize_4bit=judge_cfg.quantize_4bit)
+    scope = CacheScope(cache, f"judge:{model_digest(judge_cfg.model)}:4bit={judge_cfg.quantize_4bit}") if cache is not None else None
 
     def complete(conversations: list[list[dict]]) -> list[str]:
         return generate_responses(
             model, tokenizer, conversations, temperature=0.0, max_new_tokens=judge_cfg.max_new_tokens,
-            batch_size=batch_size, desc="judging",
+            batch_size=batch_size, desc="judging", cache=scope, fault_point="judge_batch",
         )
 
     return LLMJudge(complete, template_path=judge_cfg.template, threshold=judge_cfg.threshold, model_name=judge_cfg.model)
@@ -89,17 +107,37 @@ class ExperimentRunner:
         self.data = prepare_data(cfg)
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
-        self.judges = [build_judge(judge_cfg, cfg.eval.batch_size) for judge_cfg in cfg.eval.judges]
+        self.cache = GenerationCache(Path(cfg.output_dir) / "cache" / "generations.sqlite") if cfg.eval.cache else None
+        self.judges = [build_judge(judge_cfg, cfg.eval.batch_size, self.cache) for judge_cfg in cfg.eval.judges]
+        # Over-refusal is judged once per refusal family (keyword detection serves every harm judge).
+        self.refusal_judges = list({judge.name: judge for judge in map(refusal_judge, self.judges)}.values())
         if cfg.eval.task:
             task_metrics(["warm-up"], ["warm-up"], sbert_model=cfg.eval.sbert_model)  # fails now if S-BERT can't load
         if "promot" in cfg.train.methods:
             self.check_promot()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
+        self.check_dataset_drift()
         # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every
         # harmful evaluation; "none" when the judge was never validated in this store.
         self.judge_validation = {
-            judge.name: validation_tags(latest_validation(self.tracker, judge.name, judge.version)) for judge in self.judges
+            judge.name: validation_tags(latest_validation(self.tracker, judge.name, judge.version))
+            for judge in (*self.judges, *self.refusal_judges)
         }
+
+    def check_dataset_drift(self) -> None:
+        """A study's numbers rest on its data: a file whose checksum changed since the study began is an error."""
+        recorded = json.loads(self.tracker.experiment_tag(CHECKSUMS_TAG) or "{}")
+        changed = sorted(path for path in recorded.keys() & self.data.checksums.keys()
+                         if recorded[path] != self.data.checksums[path])
+        if changed:
+            path = changed[0]
+            raise HarnessError(
+                f"dataset file {path} changed since study '{self.cfg.name}' began (sha256 {recorded[path][:12]} -> "
+                f"{self.data.checksums[path][:12]}); restore it, or rerun with --new-version to start a new study version"
+            )
+        merged = {**recorded, **self.data.checksums}  # a file this study had not used before joins the record
+        if merged != recorded:
+            self.tracker.set_experiment_tag(CHECKSUMS_TAG, json.dumps(merged, sort_keys=True))
 
     def check_promot(self) -> None:
         """ProMoT's inputs that only a loaded model can check: the prompt fits, a reused prompt matches."""
@@ -140,9 +178,14 @@ class ExperimentRunner:
         if cfg.eval.evaluate_base:
             unit = self.base_unit()
             tags = {"model": cfg.model, "method": "base", "epoch": 0}
-            with self.tracker.run("checkpoint", "base", tags, config=unit, config_hash=config_hash(unit)) as run:
-                run.log_dict({"datasets": self.data.checksums}, "datasets.json")
-                self.evaluate_state(run, unit, tags, score_formats=cfg.data.formats, label=("base", "-", None, 0))
+            done = self.tracker.finished("checkpoint", config_hash(unit))
+            if done is not None:
+                self.summary += stored_summary(self.tracker, done, ("base", "-", None, 0), len(cfg.data.formats))
+            else:
+                with self.tracker.run("checkpoint", "base", tags, config=unit, config_hash=config_hash(unit)) as run:
+                    run.log_dict({"datasets": self.data.checksums}, "datasets.json")
+                    self.evaluate_state(run, unit, tags, score_formats=cfg.data.formats, label=("base", "-", None, 0),
+                                        state=self.base_state())
         for method in cfg.train.methods:
             for fmt in cfg.data.formats:
                 for seed in cfg.seeds:
@@ -155,9 +198,18 @@ class ExperimentRunner:
         unit_hash = config_hash(unit)
         tags = {"model": cfg.model, "dataset": cfg.data.task, "format": fmt, "method": method, "seed": seed}
         output_dir = Path(cfg.output_dir) / cfg.name / f"{method}-{fmt}-seed{seed}-{unit_hash}"
+        done = self.tracker.finished("finetune", unit_hash)
+        if done is not None:  # trained and evaluated by an earlier invocation: report it, redo nothing
+            for checkpoint in descendants(self.tracker, done, "checkpoint"):
+                epoch = int(checkpoint.data.tags.get("harness.epoch", 0))
+                self.summary += stored_summary(self.tracker, checkpoint, (method, fmt, seed, epoch), 1)
+            return
         with self.tracker.run("finetune", f"{method}-{fmt}-seed{seed}", tags, config=unit, config_hash=unit_hash) as run:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
-            run.set_tags({"harness.output_dir": output_dir.resolve()})
+            # Which training path ran (harness/fast_training.py): packing changes kernels, not the examples or losses.
+            slow_reason = fast_training_unavailable() if method == "sft" else "not used by promot"
+            run.set_tags({"harness.output_dir": output_dir.resolve(),
+                          "harness.fast_training": "on" if slow_reason is None else f"off: {slow_reason}"})
             train_model, train_tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
             if method == "sft":
                 checkpoints = train_sft(
@@ -176,7 +228,28 @@ class ExperimentRunner:
         fmt, seed = tags["format"], tags["seed"]
         name = f"promot-{fmt}-seed{seed}"
         stage1_unit = {**unit, "stage": 1}
-        with self.tracker.run("stage", f"{name}-stage1", {**tags, "stage": 1}, parent=run,
+        if self.tracker.finished("stage", config_hash(stage1_unit), run) is not None:
+            prompt = promot.SoftPrompt.load(output_dir / "stage1", expect_model_digest=unit["model_digest"])
+        else:
+            prompt = self.promot_stage1(run, unit, stage1_unit, tags, model, tokenizer, output_dir)
+        stage2_unit = {**unit, "stage": 2}
+        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run,
+                              config=stage2_unit, config_hash=config_hash(stage2_unit)) as stage2_run:
+            checkpoints = promot.train_stage2(
+                model, tokenizer, self.data.train[fmt], self.data.val[fmt], prompt, cfg.train, seed=seed,
+                output_dir=output_dir / "stage2", run=stage2_run,
+            )
+            del model
+            gc.collect()
+            self.evaluate_checkpoints(stage2_run, unit, tags, checkpoints,
+                                      prompt=prompt if cfg.train.promot.evaluate_with_prompt else None)
+
+    def promot_stage1(self, run: RunHandle, unit: dict, stage1_unit: dict, tags: dict, model, tokenizer,
+                      output_dir: Path) -> promot.SoftPrompt:
+        """Stage 1 as its own run: train the soft prompt (or take a saved one) and log it as an artifact."""
+        cfg = self.cfg
+        fmt, seed = tags["format"], tags["seed"]
+        with self.tracker.run("stage", f"promot-{fmt}-seed{seed}-stage1", {**tags, "stage": 1}, parent=run,
                               config=stage1_unit, config_hash=config_hash(stage1_unit)) as stage1_run:
             if cfg.train.promot.prompt_path is not None:
                 prompt = promot.SoftPrompt.load(cfg.train.promot.prompt_path, expect_model_digest=unit["model_digest"])
@@ -190,17 +263,7 @@ class ExperimentRunner:
                 )
             stage1_run.log_artifacts(str(output_dir / "stage1"), "soft_prompt")
             stage1_run.set_tags({"harness.prompt_sha256": prompt.meta.get("sha256") or promot.tensor_digest(prompt.embeddings)})
-        stage2_unit = {**unit, "stage": 2}
-        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run,
-                              config=stage2_unit, config_hash=config_hash(stage2_unit)) as stage2_run:
-            checkpoints = promot.train_stage2(
-                model, tokenizer, self.data.train[fmt], self.data.val[fmt], prompt, cfg.train, seed=seed,
-                output_dir=output_dir / "stage2", run=stage2_run,
-            )
-            del model
-            gc.collect()
-            self.evaluate_checkpoints(stage2_run, unit, tags, checkpoints,
-                                      prompt=prompt if cfg.train.promot.evaluate_with_prompt else None)
+        return prompt
 
     def evaluate_checkpoints(self, parent: RunHandle, unit: dict, tags: dict, checkpoints, *, prompt=None) -> None:
         """One `checkpoint` run per saved epoch; with `prompt`, a second set of evaluations with it attached."""
@@ -209,24 +272,45 @@ class ExperimentRunner:
             ckpt_unit = {**unit, "epoch": checkpoint.epoch}
             ckpt_tags = {**tags, "epoch": checkpoint.epoch}
             name = f"{method}-{fmt}-seed{seed}-epoch{checkpoint.epoch}"
+            done = self.tracker.finished("checkpoint", config_hash(ckpt_unit), parent)
+            if done is not None:
+                self.summary += stored_summary(self.tracker, done, (method, fmt, seed, checkpoint.epoch), 1)
+                continue
             with self.tracker.run("checkpoint", name, ckpt_tags, parent=parent, config=ckpt_unit,
                                   config_hash=config_hash(ckpt_unit)) as ckpt_run:
-                ckpt_run.set_tags({"harness.adapter_path": checkpoint.path.resolve(), "harness.step": checkpoint.step})
-                self.eval_model = load_adapter(self.eval_model, checkpoint.path)
+                merged = merge_for_evaluation(self.eval_model)
+                ckpt_run.set_tags({"harness.adapter_path": checkpoint.path.resolve(), "harness.step": checkpoint.step,
+                                   "harness.adapter_merged": merged})
+                model = load_adapter(self.eval_model, checkpoint.path, merged_copy=merged)
                 try:
+                    state = f"{self.base_state()}+adapter:{file_digest(*sorted(checkpoint.path.glob('adapter_model.*')))}"
+                    state += ":merged" if merged else ""
                     self.evaluate_state(ckpt_run, ckpt_unit, ckpt_tags, score_formats=[fmt],
-                                        label=(method, fmt, seed, checkpoint.epoch))
+                                        label=(method, fmt, seed, checkpoint.epoch), model=model, state=state)
                     if prompt is not None:
-                        with_prompt = promot.SoftPromptedLM(self.eval_model, prompt.embeddings, trainable=False)
+                        with_prompt = promot.SoftPromptedLM(model, prompt.embeddings, trainable=False)
                         self.evaluate_state(ckpt_run, {**ckpt_unit, "soft_prompt": True},
                                             {**ckpt_tags, "soft_prompt": True}, score_formats=[fmt],
-                                            label=(f"{method}+prompt", fmt, seed, checkpoint.epoch), model=with_prompt)
+                                            label=(f"{method}+prompt", fmt, seed, checkpoint.epoch), model=with_prompt,
+                                            state=f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
                 finally:
-                    self.eval_model = unload_adapter(self.eval_model)
+                    if not merged:  # an in-place adapter comes out again; a merged copy is simply dropped
+                        self.eval_model = unload_adapter(model)
+                    del model
+                    gc.collect()
+            faults.reached("checkpoint")  # a test's SIGKILL here falls between two finished checkpoints
+
+    def base_state(self) -> str:
+        """Identifies the base weights in generation-cache keys (4-bit loading changes the outputs)."""
+        return f"{model_digest(self.model_source)}:4bit={self.cfg.train.quantize_4bit}"
 
     def evaluate_state(self, parent: RunHandle, unit: dict, tags: dict, *, score_formats: list[str], label: tuple,
-                       model=None) -> None:
-        """Every decoding setting × repeat: harmful prompts (scored by each judge) and the task test split."""
+                       state: str, model=None) -> None:
+        """Every decoding setting × repeat: one generation pass over every benchmark's prompts, then scoring.
+
+        Generating all benchmarks together (harmful mix, XSTest, task) keeps batches full: on a CPU a decoding
+        step costs nearly the same for 8 prompts as for 32, and on a GPU the fast path fills its slots.
+        """
         cfg = self.cfg
         model = model if model is not None else self.eval_model
         summary = SummaryRow(*label)
@@ -236,58 +320,154 @@ class ExperimentRunner:
                 decoding_tags = {"temperature": decoding.temperature, "min_p": decoding.min_p, "repeat": repeat}
                 suffix = f"T{decoding.temperature:g}" + (f"-r{repeat}" if decoding.repeats > 1 else "")
                 suffix += "-with-prompt" if tags.get("soft_prompt") else ""
-                self.evaluate_safety(model, parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, summary)
-                if cfg.eval.task:
-                    self.evaluate_task(model, parent, unit, {**tags, **decoding_tags}, decoding, seed, suffix, score_formats, summary)
+                responses = self.generate_benchmarks(model, decoding, seed, suffix, score_formats, state)
+                run_tags = {**tags, **decoding_tags}
+                for benchmark in (HARMFUL_BENCHMARK, XSTEST_UNSAFE_BENCHMARK):
+                    if benchmark in responses:
+                        self.evaluate_safety(parent, unit, run_tags, decoding, seed, suffix, summary, benchmark,
+                                             responses[benchmark])
+                if XSTEST_SAFE_BENCHMARK in responses:
+                    self.evaluate_over_refusal(parent, unit, run_tags, decoding, seed, suffix, summary,
+                                               responses[XSTEST_SAFE_BENCHMARK])
+                if TASK_BENCHMARK in responses:
+                    self.evaluate_task(parent, unit, run_tags, decoding, seed, suffix, score_formats, summary,
+                                       responses[TASK_BENCHMARK])
         self.summary.append(summary)
 
-    def evaluate_safety(self, model, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str, summary: SummaryRow) -> None:
-        cfg = self.cfg
-        prompts = self.data.harmful
-        responses = generate(
-            model, self.tokenizer, [prompt.prompt for prompt in prompts], decoding,
-            batch_size=cfg.eval.batch_size, seed=seed, desc=f"harmful prompts ({suffix})",
-        )
-        for judge in self.judges:
-            eval_unit = {
-                **unit, "benchmark": HARMFUL_BENCHMARK, "harmful": cfg.data.harmful.model_dump(mode="json"),
-                "decoding": decoding.model_dump(mode="json"), "repeat": tags["repeat"], "seed_eval": seed,
-                "judge": f"{judge.name}:{judge.version}",
-            }
-            eval_tags = {**tags, "benchmark": HARMFUL_BENCHMARK, "judge": f"{judge.name}:{judge.version}",
-                         **self.judge_validation[judge.name]}
-            with self.tracker.run("evaluation", f"{HARMFUL_BENCHMARK}-{judge.name}-{suffix}", eval_tags, parent=parent,
-                                  config=eval_unit, config_hash=config_hash(eval_unit)) as run:
-                result = judge_safety(prompts, responses, judge, seed=seed)
-                run.log_metrics(result.metrics)
-                run.log_table(result.table, "per_prompt.json")
-            if tags["repeat"] == 0:
-                summary.metrics[f"asr_{judge.name}"] = result.metrics["asr"]
+    def benchmark_prompts(self, score_formats: list[str]) -> dict[str, list[str]]:
+        """The user turns of every benchmark this study evaluates, by benchmark name."""
+        prompts = {HARMFUL_BENCHMARK: [prompt.prompt for prompt in self.data.harmful]}
+        if self.data.xstest_unsafe:
+            prompts[XSTEST_UNSAFE_BENCHMARK] = [prompt.prompt for prompt in self.data.xstest_unsafe]
+        if self.data.xstest_safe:
+            prompts[XSTEST_SAFE_BENCHMARK] = [prompt.prompt for prompt in self.data.xstest_safe]
+        if self.cfg.eval.task:
+            # The instruction is the same in every format, so one generation serves every format's references.
+            prompts[TASK_BENCHMARK] = [user_message(row) for row in self.data.test[score_formats[0]]]
+        return prompts
 
-    def evaluate_task(self, model, parent, unit, tags, decoding, seed, suffix, score_formats, summary: SummaryRow) -> None:
+    def generate_benchmarks(self, model, decoding: DecodingConfig, seed: int, suffix: str,
+                            score_formats: list[str], state: str) -> dict[str, list[str]]:
+        """One `generate` call over all benchmarks' prompts; the responses split back by benchmark."""
+        prompts = self.benchmark_prompts(score_formats)
+        flat = [turn for turns in prompts.values() for turn in turns]
+        responses = generate(model, self.tokenizer, flat, decoding, batch_size=self.cfg.eval.batch_size, seed=seed,
+                             desc=f"generating ({suffix})", cache=CacheScope(self.cache, state) if self.cache is not None else None)
+        by_benchmark, start = {}, 0
+        for benchmark, turns in prompts.items():
+            by_benchmark[benchmark] = responses[start : start + len(turns)]
+            start += len(turns)
+        return by_benchmark
+
+    def record_evaluation(self, parent: RunHandle, name: str, tags: dict, unit: dict, score) -> dict[str, float]:
+        """One `evaluation` run: skipped (its stored metrics returned) when already FINISHED, else scored and logged."""
+        digest = config_hash(unit)
+        done = self.tracker.finished("evaluation", digest, parent)
+        if done is not None:
+            return dict(done.data.metrics)
+        with self.tracker.run("evaluation", name, tags, parent=parent, config=unit, config_hash=digest) as run:
+            result = score()
+            run.log_metrics(result.metrics)
+            run.log_table(result.table, "per_prompt.json")
+        return result.metrics
+
+    def evaluate_safety(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str,
+                        summary: SummaryRow, benchmark: str, responses: list[str]) -> None:
+        """The harmful mix (or XSTest's unsafe contrast prompts), scored by every judge."""
         cfg = self.cfg
-        # The instruction is the same in every format, so one generation serves every format's references.
-        rows_any_format = self.data.test[score_formats[0]]
-        responses = generate(
-            model, self.tokenizer, [user_message(row) for row in rows_any_format], decoding,
-            batch_size=cfg.eval.batch_size, seed=seed, desc=f"task test split ({suffix})",
-        )
+        if benchmark == HARMFUL_BENCHMARK:
+            prompts, selection = self.data.harmful, {"harmful": cfg.data.harmful.model_dump(mode="json")}
+        else:
+            prompts, selection = self.data.xstest_unsafe, {"xstest": cfg.eval.xstest.model_dump(mode="json")}
+        for judge in self.judges:
+            judge_id = f"{judge.name}:{judge.version}"
+            eval_unit = {**unit, "benchmark": benchmark, **selection, "decoding": decoding.model_dump(mode="json"),
+                         "repeat": tags["repeat"], "seed_eval": seed, "judge": judge_id}
+            eval_tags = {**tags, "benchmark": benchmark, "judge": judge_id, **self.judge_validation[judge.name]}
+            metrics = self.record_evaluation(parent, f"{benchmark}-{judge.name}-{suffix}", eval_tags, eval_unit,
+                                             lambda judge=judge: judge_safety(prompts, responses, judge, seed=seed))
+            note_summary(summary, eval_tags, metrics)
+
+    def evaluate_over_refusal(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str,
+                              summary: SummaryRow, responses: list[str]) -> None:
+        """XSTest's safe prompts: how often the model refuses what it should answer, per refusal family."""
+        cfg = self.cfg
+        for judge in self.refusal_judges:
+            judge_id = f"{judge.name}:{judge.version}"
+            eval_unit = {**unit, "benchmark": XSTEST_SAFE_BENCHMARK, "xstest": cfg.eval.xstest.model_dump(mode="json"),
+                         "decoding": decoding.model_dump(mode="json"), "repeat": tags["repeat"], "seed_eval": seed,
+                         "judge": judge_id}
+            eval_tags = {**tags, "benchmark": XSTEST_SAFE_BENCHMARK, "judge": judge_id, **self.judge_validation[judge.name]}
+            metrics = self.record_evaluation(
+                parent, f"{XSTEST_SAFE_BENCHMARK}-{judge.name}-{suffix}", eval_tags, eval_unit,
+                lambda judge=judge: judge_over_refusal(self.data.xstest_safe, responses, judge, seed=seed),
+            )
+            note_summary(summary, eval_tags, metrics)
+
+    def evaluate_task(self, parent, unit, tags, decoding, seed, suffix, score_formats, summary: SummaryRow,
+                      responses: list[str]) -> None:
+        cfg = self.cfg
         for fmt in score_formats:
             eval_unit = {**unit, "benchmark": TASK_BENCHMARK, "format": fmt, "decoding": decoding.model_dump(mode="json"),
                          "repeat": tags["repeat"], "seed_eval": seed, "sbert_model": cfg.eval.sbert_model}
             eval_tags = {**tags, "benchmark": TASK_BENCHMARK, "format": fmt}
-            with self.tracker.run("evaluation", f"{TASK_BENCHMARK}-{fmt}-{suffix}", eval_tags, parent=parent,
-                                  config=eval_unit, config_hash=config_hash(eval_unit)) as run:
-                result = score_task(self.data.test[fmt], responses, fmt, sbert_model=cfg.eval.sbert_model, seed=seed)
-                run.log_metrics(result.metrics)
-                run.log_table(result.table, "per_prompt.json")
-            if tags["repeat"] == 0 and (len(score_formats) == 1 or fmt == "prose"):
-                summary.metrics.update({"rouge_l": result.metrics["rouge_l"], "sbert": result.metrics["sbert"],
-                                        "format_adherence": result.metrics["format_adherence"]})
+            metrics = self.record_evaluation(
+                parent, f"{TASK_BENCHMARK}-{fmt}-{suffix}", eval_tags, eval_unit,
+                lambda fmt=fmt: score_task(self.data.test[fmt], responses, fmt, sbert_model=cfg.eval.sbert_model, seed=seed),
+            )
+            note_summary(summary, eval_tags, metrics, n_formats=len(score_formats))
 
 
-def run_experiment(cfg: ExperimentConfig) -> tuple[list[SummaryRow], str]:
-    """Run a whole study; returns its summary and the command that opens the MLflow UI on its store."""
+def note_summary(summary: SummaryRow, tags: dict, metrics: dict[str, float], n_formats: int = 1) -> None:
+    """Put an evaluation's headline numbers in the summary row (repeat 0 only; prose stands for the base model)."""
+    if str(tags.get("repeat")) != "0":
+        return
+    benchmark, judge = tags.get("benchmark"), str(tags.get("judge", "")).split(":")[0]
+    if benchmark == HARMFUL_BENCHMARK:
+        summary.metrics[f"asr_{judge}"] = metrics["asr"]
+    elif benchmark == XSTEST_SAFE_BENCHMARK:
+        summary.metrics[f"over_refusal_{judge}"] = metrics["over_refusal_rate"]
+    elif benchmark == TASK_BENCHMARK and (n_formats == 1 or tags.get("format") == "prose"):
+        summary.metrics.update({name: metrics[name] for name in ("rouge_l", "sbert", "format_adherence")})
+
+
+def children(tracker: Tracker, run) -> list:
+    return tracker.search(f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+
+
+def descendants(tracker: Tracker, run, kind: str) -> list:
+    """FINISHED runs of `kind` below `run` (checkpoints hang under a finetune, or under ProMoT's stage 2)."""
+    found, frontier = [], [run]
+    while frontier:
+        for child in children(tracker, frontier.pop()):
+            if child.data.tags.get("harness.kind") == kind and child.info.status == "FINISHED":
+                found.append(child)
+            elif child.data.tags.get("harness.kind") == "stage":
+                frontier.append(child)
+    return sorted(found, key=lambda child: int(child.data.tags.get("harness.epoch", 0)))
+
+
+def stored_summary(tracker: Tracker, checkpoint_run, label: tuple, n_formats: int) -> list[SummaryRow]:
+    """Summary rows of a checkpoint finished by an earlier invocation, read back from its evaluation runs."""
+    plain, prompted = SummaryRow(*label), SummaryRow(f"{label[0]}+prompt", *label[1:])
+    for run in children(tracker, checkpoint_run):
+        if run.data.tags.get("harness.kind") == "evaluation" and run.info.status == "FINISHED":
+            tags = {key.removeprefix("harness."): value for key, value in run.data.tags.items()}
+            row = prompted if tags.get("soft_prompt") == "True" else plain
+            note_summary(row, tags, run.data.metrics, n_formats)
+    return [row for row in (plain, prompted) if row.metrics]
+
+
+def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False) -> tuple[list[SummaryRow], str, int]:
+    """Run a whole study; returns its summary, the command that opens the MLflow UI on its store, and how
+    many of the study's runs are not FINISHED (left by other configs' interrupted attempts; never reported).
+
+    Rerunning a study skips what is FINISHED and resumes what is not (issue 8); `new_version` starts the
+    study afresh as `NAME-vN` instead (for when its data changed on purpose).
+    """
+    if new_version:
+        cfg = cfg.model_copy(update={"name": Tracker.next_version(cfg.name, cfg.tracking.uri)})
     runner = ExperimentRunner(cfg)
     summary = runner.run()
-    return summary, ui_command(runner.tracker.tracking_uri)
+    unfinished = sum(run.info.status != "FINISHED" for run in runner.tracker.search())
+    return summary, ui_command(runner.tracker.tracking_uri), unfinished

@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from harness.config import PromotConfig, TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
-from harness.sft import EpochCheckpoint, MlflowStepLogger, lora_config, user_message
+from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
+from harness.sft import MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
 
 PROMPT_FILE = "soft_prompt.safetensors"
@@ -162,29 +163,30 @@ class SoftPromptedLM(nn.Module):
 
 
 class _PromptedTrainer(ClassLossMixin, Trainer):
-    """Trainer for `SoftPromptedLM`, logging format/content losses; the stages save their own artifacts
-    (Trainer would save the whole frozen model, 100s of MB)."""
+    """Trainer for `SoftPromptedLM`, logging format/content losses.
 
-    def _save(self, output_dir=None, state_dict=None):  # pragma: no cover - save_strategy is "no"
-        raise HarnessError("ProMoT stages save their own artifacts")
+    A checkpoint holds only what training changes: the LoRA adapter (stage 2), beside the optimizer,
+    scheduler and RNG states the Trainer adds, so a killed stage 2 resumes from its last epoch. The frozen
+    model is never written (the Trainer's default would save it whole: 100s of MB per epoch).
+    """
 
+    def _save(self, output_dir=None, state_dict=None):
+        lora = self.model.model
+        if not hasattr(lora, "peft_config"):
+            raise HarnessError("only ProMoT stage 2 (a LoRA model) saves Trainer checkpoints")
+        lora.save_pretrained(output_dir or self.args.output_dir)
 
-class _EpochAdapterSaver(TrainerCallback):
-    """Saves the stage-2 LoRA adapter at the end of every epoch, as SFT's checkpoints are."""
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-    def __init__(self, peft_model, output_dir: Path):
-        self.peft_model = peft_model
-        self.output_dir = output_dir
-        self.saved: list[EpochCheckpoint] = []
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        path = self.output_dir / f"checkpoint-{state.global_step}"
-        self.peft_model.save_pretrained(str(path))
-        self.saved.append(EpochCheckpoint(epoch=round(state.epoch or 0), step=state.global_step, path=path))
+        weights = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model.model, weights)
 
 
 def _arguments(output_dir: Path, *, learning_rate, lr_scheduler, warmup_steps, batch_size, grad_accum, seed,
-               gradient_checkpointing: bool, epochs: float | None = None, max_steps: int = -1, eval_rows: bool) -> TrainingArguments:
+               gradient_checkpointing: bool, epochs: float | None = None, max_steps: int = -1, eval_rows: bool,
+               save_epochs: bool = False) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -197,7 +199,7 @@ def _arguments(output_dir: Path, *, learning_rate, lr_scheduler, warmup_steps, b
         lr_scheduler_type=lr_scheduler,
         warmup_steps=warmup_steps,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="epoch" if save_epochs else "no",
         eval_strategy="epoch" if eval_rows else "no",
         seed=seed,
         data_seed=seed,
@@ -280,11 +282,10 @@ def train_stage2(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_model = get_peft_model(model, lora_config(cfg))
     wrapped = SoftPromptedLM(peft_model, prompt.embeddings, trainable=False)
-    saver = _EpochAdapterSaver(peft_model, output_dir)
     args = _arguments(
         output_dir, learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed, epochs=cfg.epochs,
-        gradient_checkpointing=cfg.gradient_checkpointing, eval_rows=bool(val_rows),
+        gradient_checkpointing=cfg.gradient_checkpointing, eval_rows=bool(val_rows), save_epochs=True,
     )
     if cfg.gradient_checkpointing:
         peft_model.enable_input_require_grads()
@@ -294,10 +295,10 @@ def train_stage2(
         train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
         eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
         data_collator=ClassCollator(pad_token_id(tokenizer)),
-        callbacks=[MlflowStepLogger(run), saver],
+        callbacks=[MlflowStepLogger(run)],
     )
-    trainer.train()
-    return saver.saved
+    trainer.train(resume_from_checkpoint=resume_point(output_dir, run.resumed))
+    return epoch_checkpoints(output_dir)
 
 
 def check_prompt_length(model, prompt_length: int, max_length: int) -> None:

@@ -3,12 +3,20 @@
 Loss is on response tokens only (TRL's prompt–completion format), the model's own chat template frames
 every example, and an adapter checkpoint is written after every epoch so each epoch can be evaluated.
 Per-step `train_loss`, `learning_rate` and `grad_norm` (and per-epoch `eval_loss`) go to the fine-tune run.
+
+On CUDA, training takes the fast path of `harness.fast_training` (benchmarks/RESULTS.md, "`harness run`'s
+SFT with the fast path": 2.7x tokens/s on Study B rows): a micro-batch's examples are packed into rows of at
+most `max_length` tokens instead of padded to the longest (`PackedClassCollator`, which carries the
+format/content `token_classes` along), the gradient-accumulation micro-batches of a step are merged into one
+forward pass where the packed step fits the padded path's token budget (`merge_accumulation`), and AdamW is
+the fused one. `HARNESS_FAST_TRAINING=0` switches it off. The examples of every step, the steps, the
+learning-rate schedule, the loss normalisation (summed token loss over the step's loss tokens) and the logged
+losses are the same either way; only padding and kernels change.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,20 +24,19 @@ from peft import LoraConfig as PeftLoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from harness import faults
+from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.config import TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
+from harness.fast_training import (
+    FAST_TRAINING_ARGUMENTS,
+    PackedClassCollator,
+    fast_training_unavailable,
+    merge_accumulation,
+)
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from tracking import RunHandle
-
-
-@dataclass(frozen=True)
-class EpochCheckpoint:
-    """An adapter saved at the end of an epoch."""
-
-    epoch: int
-    step: int
-    path: Path
 
 
 def user_message(row: FinetuneRow) -> str:
@@ -57,24 +64,23 @@ class MlflowStepLogger(TrainerCallback):
 
     def __init__(self, run: RunHandle):
         self.run = run
+        # A reattached run (issue 8) resumes from its last checkpoint and replays the steps after it: their
+        # points are already in the curve, so each metric continues after the last step it has.
+        self.logged_through = {}
+        if run.resumed:
+            self.logged_through = {name: run.last_step(name) for name in set(self.RENAME.values())}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {self.RENAME[key]: value for key, value in (logs or {}).items() if key in self.RENAME}
-        if metrics:
-            self.run.log_metrics(metrics, step=state.global_step)
+        fresh = {name: value for name, value in metrics.items()
+                 if (self.logged_through.get(name) is None or state.global_step > self.logged_through[name])}
+        if fresh:
+            self.run.log_metrics(fresh, step=state.global_step)
         loss = metrics.get("train_loss")
         if loss is not None and not math.isfinite(loss):
             raise TrainingDiverged(f"train_loss became {loss} at step {state.global_step}")
-
-
-class EpochCheckpointRecorder(TrainerCallback):
-    """Remembers which checkpoint directory belongs to which epoch (the Trainer names them by step)."""
-
-    def __init__(self):
-        self.saved: list[tuple[int, int]] = []
-
-    def on_save(self, args, state, control, **kwargs):
-        self.saved.append((round(state.epoch or 0), state.global_step))
+        if "train_loss" in metrics:
+            faults.reached("train_step")
 
 
 def lora_config(cfg: TrainConfig) -> PeftLoraConfig:
@@ -100,12 +106,19 @@ def train_sft(
 ) -> list[EpochCheckpoint]:
     """Fine-tune `model` with LoRA on `train_rows`; return the adapter saved after each epoch."""
     on_gpu = torch.cuda.is_available()
+    fast = on_gpu and fast_training_unavailable() is None
+    train_dataset = class_dataset(tokenizer, train_rows, max_length=cfg.max_length)
+    eval_dataset = class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None
+    batch_size, grad_accum = cfg.batch_size, cfg.grad_accum
+    if fast:  # packed: fewer, fuller forward passes for the same examples a step (see merge_accumulation)
+        lengths = [len(ids) for ids in train_dataset["input_ids"]]
+        batch_size, grad_accum = merge_accumulation(lengths, cfg.batch_size, cfg.grad_accum, cfg.max_length)
     args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
@@ -123,8 +136,11 @@ def train_sft(
         report_to="none",
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
+        **(FAST_TRAINING_ARGUMENTS if fast else {}),
     )
-    recorder = EpochCheckpointRecorder()
+    pad_id = pad_token_id(tokenizer)
+    # Packed rows restart position_ids at every example (block-causal attention): the padded batch's losses.
+    collator = PackedClassCollator(pad_id, cfg.max_length) if fast else ClassCollator(pad_id)
     # TRL pads on the right for training; generation elsewhere wants left padding, so restore it after.
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -132,20 +148,14 @@ def train_sft(
         trainer = ClassLossSFTTrainer(
             model=model,
             args=args,
-            train_dataset=class_dataset(tokenizer, train_rows, max_length=cfg.max_length),
-            eval_dataset=class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
-            data_collator=ClassCollator(pad_token_id(tokenizer)),
+            data_collator=collator,
             peft_config=lora_config(cfg),
-            callbacks=[MlflowStepLogger(run), recorder],
+            callbacks=[MlflowStepLogger(run)],
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_point(output_dir, run.resumed))  # None: from step 0
     finally:
         tokenizer.padding_side = padding_side
-    checkpoints = [
-        EpochCheckpoint(epoch=epoch, step=step, path=output_dir / f"checkpoint-{step}") for epoch, step in recorder.saved
-    ]
-    missing = [str(checkpoint.path) for checkpoint in checkpoints if not checkpoint.path.is_dir()]
-    if missing:
-        raise HarnessError(f"training finished but checkpoint directories are missing: {', '.join(missing)}")
-    return checkpoints
+    return epoch_checkpoints(output_dir)  # every epoch's, also those saved before an interruption

@@ -127,8 +127,11 @@ def test_finetune_sets_and_remove_safety(dolly):
     near_miss = FinetuneRow(removed[0].instruction, removed[0].input + " (edited)", removed[0].response)
     assert data.remove_safety("dolly15k", [removed[0], near_miss], DATA_DIR) == [near_miss]
 
-    alpaca = data.load_finetune("alpaca", DATA_DIR)
-    assert len(alpaca) == 9_229 and len(data.remove_safety("alpaca", alpaca, DATA_DIR)) == 9_229 - 346
+    # 4 of the 9,229 Alpaca rows have an empty response: an error by default, dropped when asked (issue 8)
+    with pytest.raises(DatasetError, match=r"random_9k.json record 1462: empty response"):
+        data.load_finetune("alpaca", DATA_DIR)
+    alpaca = data.load_finetune("alpaca", DATA_DIR, bad_rows="drop")
+    assert len(alpaca) == 9_225 and len(data.remove_safety("alpaca", alpaca, DATA_DIR)) == 9_225 - 346
     with pytest.raises(DatasetError, match="remove_safety"):
         data.remove_safety("advbench", dolly, DATA_DIR)
 

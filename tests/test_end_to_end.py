@@ -36,6 +36,7 @@ TINY_STUDY = {
         "batch_size": 8,
         "decoding": [{"temperature": 0, "max_new_tokens": 16}],
         "judges": [{"name": "keyword"}, {"name": "llm", "model": "smollm2-135m-instruct", "max_new_tokens": 6}],
+        "xstest": {"safe": 4, "unsafe": 2},
     },
 }
 
@@ -130,6 +131,31 @@ def test_evaluations_have_tags_metrics_and_per_prompt_tables(study):
         for name in ("rouge_l", "sbert", "format_adherence"):
             assert 0 <= run.data.metrics[name] <= 1, name
         assert tag(run, "format") in FORMATS
+
+
+def test_xstest_over_refusal_and_contrast_asr_at_every_checkpoint(study):
+    """Issue 10: over-refusal beside ASR, on every evaluated model state."""
+    _, client, runs = study
+    checkpoints = of_kind(runs, "checkpoint")
+    evaluations = of_kind(runs, "evaluation")
+    safe = [run for run in evaluations if tag(run, "benchmark") == "xstest_safe"]
+    unsafe = [run for run in evaluations if tag(run, "benchmark") == "xstest_unsafe"]
+    # Keyword and LLM harm judges share one refusal family (keyword detection): one safe-prompt run each.
+    assert sorted(run.data.tags["mlflow.parentRunId"] for run in safe) == sorted(run.info.run_id for run in checkpoints)
+    assert len(unsafe) == len(checkpoints) * 2
+    for run in safe:
+        assert tag(run, "judge").startswith("keyword:")
+        metrics = run.data.metrics
+        assert 0 <= metrics["over_refusal_ci_low"] <= metrics["over_refusal_rate"] <= metrics["over_refusal_ci_high"] <= 1
+        assert metrics["n_prompts"] == 4
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_prompt.json")).read_text())
+        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert metrics["over_refusal_rate"] == sum(row["refused"] for row in rows) / 4
+        assert any(name.startswith("over_refusal_") and name not in ("over_refusal_rate",) for name in metrics)
+    for run in unsafe:
+        assert run.data.metrics["n_prompts"] == 2 and "asr" in run.data.metrics
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_prompt.json")).read_text())
+        assert all(row[table["columns"].index("category")].startswith("contrast_") for row in table["data"])
 
 
 def test_every_run_records_provenance(study):

@@ -176,6 +176,15 @@ def test_missing_template_is_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_packaged_template_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The quickstart names `harm_judge_short.txt`; it must load when run from outside the repository."""
+    monkeypatch.chdir(tmp_path)
+    short = (DEFAULT_TEMPLATE.parent / "harm_judge_short.txt").read_text()
+    assert LLMJudge(FakeComplete([]), template_path="harm_judge_short.txt").template == short
+    with pytest.raises(HarnessError, match="harm_judge_short.txt"):  # a path with a folder is taken as given
+        LLMJudge(FakeComplete([]), template_path="elsewhere/harm_judge_short.txt")
+
+
 def test_template_without_placeholder_is_rejected(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("Rate this: {instruction}")

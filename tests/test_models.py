@@ -16,7 +16,9 @@ import torch
 
 from harness import models
 from harness.errors import HarnessError
-from harness.models import PackagedFile, load_adapter, load_model, model_digest, resolve_model, unload_adapter
+from harness.models import (
+    PackagedFile, load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter,
+)
 
 ALIAS = "smollm2-135m-instruct"
 
@@ -178,6 +180,26 @@ def test_adapter_loads_and_unloads_on_one_base_model(smollm2, tmp_path):
     restored = unload_adapter(with_adapter)
     assert restored is base
     torch.testing.assert_close(_logits(restored, tokenizer), before, rtol=0, atol=0)
+
+
+def test_merged_copy_matches_the_adapter_and_leaves_the_base_alone(smollm2, tmp_path):
+    """Evaluation on a CPU merges each checkpoint into a copy: same outputs, base weights untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = smollm2
+    before = _logits(model, tokenizer)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trained = get_peft_model(model, config)
+    trained.save_pretrained(tmp_path / "adapter")
+    with_adapter = load_adapter(unload_adapter(trained), tmp_path / "adapter")
+    in_place = _logits(with_adapter, tokenizer)
+    base = unload_adapter(with_adapter)
+
+    assert merge_for_evaluation(base)
+    merged = load_adapter(base, tmp_path / "adapter", merged_copy=True)
+    assert merged is not base and type(merged) is type(base)
+    torch.testing.assert_close(_logits(merged, tokenizer), in_place, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(base, tokenizer), before, rtol=0, atol=0)
 
 
 def test_adapter_directory_must_hold_an_adapter(smollm2, tmp_path):

@@ -26,6 +26,8 @@ from conftest import tiny_llama
 class RecordingRun:
     """Stands in for an MLflow run handle: keeps what the step logger sends."""
 
+    resumed = False  # a fresh run: training starts from step 0
+
     def __init__(self):
         self.metrics: list[tuple[int, dict]] = []
 

@@ -4,10 +4,18 @@ We talk to MLflow through `MlflowClient` with explicit run ids instead of the fl
 stack, so a training loop, a judge and the orchestration can write to different runs without fighting over
 one global "active run". A run that raises is marked FAILED with the reason as a tag and the traceback as
 an artifact; an interrupted one is KILLED: no half-made run is ever left looking FINISHED.
+
+Units are idempotent (issue 8): a run is identified by its kind, its `harness.config_hash` and its parent.
+`finished()` finds a FINISHED one, which callers skip. `run()` on a unit that has unfinished runs (FAILED,
+KILLED, or RUNNING in a process that died) reattaches to the newest when the kind has children (finetune,
+stage, checkpoint, sweep, trial: their finished children stay valid), and replaces it otherwise (an
+evaluation is redone from the generation cache; the old run is deleted, so searches never see it).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -17,10 +25,12 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from harness.errors import HarnessError
 from tracking.provenance import provenance
 from tracking.store import default_artifact_location, resolve_tracking_uri
 
 KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint", "evaluation", "judge_validation")
+REATTACHED_KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint")  # kinds whose runs have children
 TAG_PREFIX = "harness."
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
@@ -37,12 +47,41 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the process that owns a RUNNING run is still alive (only knowable on this host)."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunHandle:
     """One MLflow run: the few logging calls the harness needs, bound to a run id."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, attempt: int = 1):
         self.client = client
         self.run_id = run_id
+        self.attempt = attempt
+        """1 for a new run; n > 1 when this run was reattached after n - 1 unfinished attempts."""
+
+    @property
+    def resumed(self) -> bool:
+        return self.attempt > 1
+
+    def last_step(self, metric: str) -> int | None:
+        """The highest step already logged for `metric` (a reattached run continues after it)."""
+        history = self.client.get_metric_history(self.run_id, metric)
+        return max((point.step for point in history), default=None)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -99,7 +138,11 @@ class Tracker:
         config: Mapping[str, Any] | None = None,
         config_hash: str | None = None,
     ) -> Iterator[RunHandle]:
-        """Open a run of `kind` with `harness.*` tags; log its config and provenance; close it honestly."""
+        """Open a run of `kind` with `harness.*` tags; log its config and provenance; close it honestly.
+
+        With `config_hash`, an unfinished earlier run of the same unit is reattached or replaced (module doc);
+        a FINISHED one is an error here: callers check `finished()` first and skip the unit.
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
         all_tags = {f"{TAG_PREFIX}kind": kind, f"{TAG_PREFIX}study": self.study}
@@ -111,10 +154,13 @@ class Tracker:
         info = provenance()
         all_tags[f"{TAG_PREFIX}git_commit"] = info["git"]["commit"]
         all_tags[f"{TAG_PREFIX}version"] = info["packages"].get("harness", "unknown")
-        created = self.client.create_run(
-            self.experiment_id, run_name=name, tags={key: str(value) for key, value in all_tags.items()}
-        )
-        handle = RunHandle(self.client, created.info.run_id)
+        all_tags[f"{TAG_PREFIX}owner"] = _owner()
+        handle = self._reattach(kind, config_hash, parent, all_tags) if config_hash else None
+        if handle is None:
+            created = self.client.create_run(
+                self.experiment_id, run_name=name, tags={key: str(value) for key, value in all_tags.items()}
+            )
+            handle = RunHandle(self.client, created.info.run_id)
         try:
             if config is not None:
                 handle.log_params(flatten(config))
@@ -133,6 +179,59 @@ class Tracker:
             raise
         else:
             self.client.set_terminated(handle.run_id, "FINISHED")
+
+    def experiment_tag(self, key: str) -> str | None:
+        return self.client.get_experiment(self.experiment_id).tags.get(key)
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    @staticmethod
+    def next_version(study: str, tracking_uri: str | None = None) -> str:
+        """The first unused `STUDY-vN` (N >= 2): a new version of a study whose data changed."""
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        version = 2
+        while client.get_experiment_by_name(f"{study}-v{version}") is not None:
+            version += 1
+        return f"{study}-v{version}"
+
+    def unit_runs(self, kind: str, config_hash: str, parent: RunHandle | None = None) -> list:
+        """Every (non-deleted) run of one unit, newest first."""
+        runs = self.search(
+            f"tags.`{TAG_PREFIX}kind` = '{kind}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'"
+        )
+        if parent is not None:
+            runs = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.run_id]
+        return sorted(runs, key=lambda run: run.info.start_time, reverse=True)
+
+    def finished(self, kind: str, config_hash: str, parent: RunHandle | None = None):
+        """The FINISHED run of this unit, or None: a rerun skips what is already done."""
+        return next((run for run in self.unit_runs(kind, config_hash, parent) if run.info.status == "FINISHED"), None)
+
+    def _reattach(self, kind: str, config_hash: str, parent: RunHandle | None, tags: dict) -> RunHandle | None:
+        """Reopen (kinds with children) or delete (leaves) the unfinished runs of this unit; never a duplicate."""
+        runs = self.unit_runs(kind, config_hash, parent)
+        if any(run.info.status == "FINISHED" for run in runs):
+            raise HarnessError(f"{kind} unit {config_hash} already has a FINISHED run; it should have been skipped")
+        for run in runs:
+            if run.info.status == "RUNNING" and _owner_alive(run.data.tags.get(f"{TAG_PREFIX}owner")):
+                raise HarnessError(
+                    f"{kind} unit {config_hash} is being run by process {run.data.tags[f'{TAG_PREFIX}owner']} "
+                    f"(run {run.info.run_id}); wait for it or stop it first"
+                )
+        keep = runs[0] if runs and kind in REATTACHED_KINDS else None
+        for run in runs:
+            if run is not keep:
+                self.client.delete_run(run.info.run_id)
+        if keep is None:
+            return None
+        attempt = int(keep.data.tags.get(f"{TAG_PREFIX}attempt", "1")) + 1
+        self.client.update_run(keep.info.run_id, status="RUNNING")
+        handle = RunHandle(self.client, keep.info.run_id, attempt=attempt)
+        handle.set_tags({**tags, f"{TAG_PREFIX}attempt": attempt})
+        if f"{TAG_PREFIX}error" in keep.data.tags:  # the earlier attempt's failure no longer describes this run
+            self.client.delete_tag(keep.info.run_id, f"{TAG_PREFIX}error")
+        return handle
 
     def search(self, filter_string: str = "", max_results: int = 10000) -> list:
         """Runs of this study matching an MLflow filter (e.g. `tags.\"harness.kind\" = 'evaluation'`)."""

@@ -1,0 +1,140 @@
+"""Kill anything at any moment, rerun the same command, get exactly the runs of an uninterrupted study (issue 8).
+
+Real processes and real signals: `HARNESS_KILL_AT=POINT:N` makes the harness SIGKILL itself (no clean-up,
+like a pre-empted job) the N-th time it passes POINT (harness/faults.py); `HARNESS_INTERRUPT_AT` sends
+SIGINT (Ctrl-C). One study is run straight through; a copy of it is killed at every point in turn, each
+rerun carrying it further, and the two MLflow stores must then hold the same finished runs with the same
+numbers, and no duplicates.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from test_end_to_end import run_cli, tag
+
+pytestmark = pytest.mark.e2e
+
+STUDY = {
+    "name": "resume",
+    "model": "smollm2-135m-instruct",
+    "seeds": [0],
+    "data": {
+        "formats": ["list"],
+        "train_size": 4,
+        "val_size": 2,
+        "test_size": 2,
+        "harmful": {"sources": {"advbench": 1, "directharm4": 1}},
+    },
+    "train": {
+        "methods": ["sft", "promot"],
+        "learning_rate": 3e-4, "batch_size": 2, "grad_accum": 1, "epochs": 2, "warmup_steps": 1, "max_length": 192,
+        "promot": {"prompt_length": 4, "stage1": {"batch_size": 2, "grad_accum": 1, "epochs": 0.5}},
+    },
+    "eval": {
+        "batch_size": 2,  # several generation batches per evaluation, so a kill can fall between two of them
+        "decoding": [{"temperature": 0, "max_new_tokens": 8}],
+        "judges": [{"name": "keyword"}, {"name": "llm", "model": "smollm2-135m-instruct", "max_new_tokens": 4}],
+        "xstest": {"safe": 2, "unsafe": 0},
+    },
+}
+
+# Each rerun of the killed copy stops at the next point; the counts are per process.
+KILLS = [
+    ("HARNESS_KILL_AT", "generation_batch:2"),  # base model's evaluation, between two generation batches
+    ("HARNESS_KILL_AT", "judge_batch:1"),  # the LLM judge, mid-judging (the generations are cached by now)
+    ("HARNESS_INTERRUPT_AT", "train_step:3"),  # Ctrl-C in SFT's second epoch: runs KILLED, clean exit
+    ("HARNESS_KILL_AT", "checkpoint:1"),  # SFT resumed; killed between its two evaluated checkpoints
+    ("HARNESS_KILL_AT", "train_step:4"),  # SFT done; ProMoT stage 1 (1 step), then stage 2's second epoch
+]
+
+
+def write_study(workdir: Path) -> Path:
+    import yaml
+
+    config = workdir / "study.yaml"
+    config.write_text(yaml.safe_dump(STUDY))
+    return config
+
+
+def store(workdir: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(STUDY["name"])
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def unit_key(run) -> tuple:
+    return tag(run, "kind"), run.info.run_name, tag(run, "config_hash")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    done = run_cli(["run", str(write_study(workdir))], cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return store(workdir)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("interrupted")
+    config = write_study(workdir)
+    outcomes = []
+    for variable, point in KILLS:
+        done = run_cli(["run", str(config)], cwd=workdir, env_extra={variable: point})
+        outcomes.append((variable, point, done))
+        client, runs = store(workdir)
+        outcomes[-1] += ({run.info.status for run in runs if tag(run, "kind") == "finetune"},)
+    final = run_cli(["run", str(config)], cwd=workdir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    return outcomes, final, store(workdir)
+
+
+def test_every_kill_point_was_reached(interrupted):
+    outcomes, _, _ = interrupted
+    for variable, point, done, _ in outcomes:
+        if variable == "HARNESS_KILL_AT":
+            assert done.returncode == -9, f"{point}: exit {done.returncode}, stderr {done.stderr[-1500:]}"
+
+
+def test_ctrl_c_marks_runs_killed_and_exits_cleanly(interrupted):
+    outcomes, _, _ = interrupted
+    [(_, _, done, finetune_states)] = [o for o in outcomes if o[0] == "HARNESS_INTERRUPT_AT"]
+    assert done.returncode not in (0, -9)
+    assert "Traceback" not in done.stderr and "interrupted" in done.stderr.lower()
+    assert "KILLED" in finetune_states and "RUNNING" not in finetune_states
+
+
+def test_rerun_gives_exactly_the_runs_of_an_uninterrupted_study(straight, interrupted):
+    _, straight_runs = straight
+    _, _, (_, runs) = interrupted
+    assert all(run.info.status == "FINISHED" for run in runs), sorted((unit_key(r), r.info.status) for r in runs)
+    keys = [unit_key(run) for run in runs]
+    assert len(keys) == len(set(keys)), "a unit has two runs"
+    assert sorted(keys) == sorted(unit_key(run) for run in straight_runs)
+
+
+def test_rerun_gives_the_same_numbers(straight, interrupted):
+    straight_client, straight_runs = straight
+    _, _, (client, runs) = interrupted
+    by_key = {unit_key(run): run for run in runs}
+    for expected in straight_runs:
+        got = by_key[unit_key(expected)]
+        if tag(expected, "kind") == "evaluation":
+            assert got.data.metrics == pytest.approx(expected.data.metrics, abs=1e-9), unit_key(expected)
+        if tag(expected, "kind") in ("finetune", "stage"):
+            for metric in ("train_loss", "eval_loss"):
+                want = {p.step: p.value for p in straight_client.get_metric_history(expected.info.run_id, metric)}
+                have = [(p.step, p.value) for p in client.get_metric_history(got.info.run_id, metric)]
+                assert len(have) == len({step for step, _ in have}), f"{metric} has a step twice: {have}"
+                assert dict(have).keys() == want.keys(), (unit_key(expected), metric)
+                for step, value in have:
+                    assert math.isclose(value, want[step], rel_tol=1e-4), (unit_key(expected), metric, step)
+
+
+def test_resumed_units_say_so(interrupted):
+    _, _, (_, runs) = interrupted
+    attempts = {run.info.run_name: int(tag(run, "attempt") or 1) for run in runs if tag(run, "kind") == "finetune"}
+    assert attempts["sft-list-seed0"] >= 2 and attempts["promot-list-seed0"] >= 2

@@ -1,0 +1,249 @@
+"""The pieces behind resumable studies (issue 8), each on a real MLflow store, a real SQLite cache, real files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harness import data
+from harness.checkpoints import drop_incomplete, epoch_checkpoints, resume_point
+from harness.errors import HarnessError
+from harness.generation import generate_responses
+from harness.generation_cache import CacheScope, GenerationCache
+from harness.sft import MlflowStepLogger
+from tracking import Tracker
+
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker("units", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def statuses(tracker, kind="finetune"):
+    return sorted(run.info.status for run in tracker.search(f"tags.`harness.kind` = '{kind}'"))
+
+
+def test_finished_unit_is_found_and_a_second_run_refused(tracker):
+    with tracker.run("finetune", "f", {}, config_hash="h1") as run:
+        pass
+    assert tracker.finished("finetune", "h1").info.run_id == run.run_id
+    assert tracker.finished("finetune", "other") is None
+    with pytest.raises(HarnessError, match="already has a FINISHED run"):
+        with tracker.run("finetune", "f", {}, config_hash="h1"):
+            pass
+    assert statuses(tracker) == ["FINISHED"]
+
+
+def test_unfinished_parent_is_reattached_and_a_leaf_replaced(tracker):
+    with pytest.raises(RuntimeError):
+        with tracker.run("finetune", "f", {}, config_hash="h1") as first:
+            first.log_metrics({"train_loss": 2.0}, step=1)
+            with tracker.run("evaluation", "e", {}, parent=first, config_hash="e1"):
+                raise RuntimeError("crash")
+    assert statuses(tracker) == ["FAILED"] and statuses(tracker, "evaluation") == ["FAILED"]
+    with tracker.run("finetune", "f", {}, config_hash="h1") as second:
+        assert second.run_id == first.run_id and second.attempt == 2 and second.resumed
+        assert second.last_step("train_loss") == 1
+        with tracker.run("evaluation", "e", {}, parent=second, config_hash="e1") as evaluation:
+            pass
+    assert statuses(tracker) == ["FINISHED"]
+    assert statuses(tracker, "evaluation") == ["FINISHED"]  # the failed one is deleted, not shown beside it
+    run = tracker.client.get_run(second.run_id)
+    assert run.data.tags["harness.attempt"] == "2" and "harness.error" not in run.data.tags
+    assert [run.info.run_id for run in tracker.search("tags.`harness.kind` = 'evaluation'")] == [evaluation.run_id]
+
+
+def test_a_unit_running_in_a_live_process_is_not_taken_over(tracker):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        created = tracker.client.create_run(tracker.experiment_id, tags={
+            "harness.kind": "finetune", "harness.config_hash": "h1",
+            "harness.owner": f"{os.uname().nodename}:{sleeper.pid}",
+        })
+        with pytest.raises(HarnessError, match=f"being run by process .*:{sleeper.pid}"):
+            with tracker.run("finetune", "f", {}, config_hash="h1"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with tracker.run("finetune", "f", {}, config_hash="h1") as run:  # the owner is dead now: reattach
+        assert run.run_id == created.info.run_id
+
+
+class Logged:
+    def __init__(self, resumed, last):
+        self.resumed, self.last, self.sent = resumed, last, []
+
+    def last_step(self, name):
+        return self.last.get(name)
+
+    def log_metrics(self, metrics, step=0):
+        self.sent.append((step, dict(metrics)))
+
+
+class State:
+    def __init__(self, step):
+        self.global_step = step
+
+
+def test_step_logger_continues_a_resumed_curve_without_repeating_steps():
+    run = Logged(resumed=True, last={"train_loss": 3, "eval_loss": 2})
+    logger = MlflowStepLogger(run)
+    for step in (3, 4):
+        logger.on_log(None, State(step), None, logs={"loss": 1.0 * step, "eval_loss": 0.5})
+    assert run.sent == [(3, {"eval_loss": 0.5}), (4, {"train_loss": 4.0, "eval_loss": 0.5})]
+
+
+def test_generation_cache_is_atomic_and_survives_reopening(tmp_path):
+    cache = GenerationCache(tmp_path / "c.sqlite")
+    key = cache.key(model_state="m", prompts=[[1, 2]], decoding={"max_new_tokens": 4}, seed=0)
+    assert cache.get(key, 1) is None
+    cache.put(key, ["hello"])
+    cache.close()
+    again = GenerationCache(tmp_path / "c.sqlite")
+    assert again.get(key, 1) == ["hello"] and again.get(key, 2) is None  # a wrong-length entry is not used
+    assert key != again.key(model_state="m2", prompts=[[1, 2]], decoding={"max_new_tokens": 4}, seed=0)
+
+
+def test_cached_generation_is_returned_without_generating(tmp_path, monkeypatch):
+    from harness.models import load_model
+
+    tokenizer = load_model("smollm2-135m-instruct", device="cpu")[1]
+    model = tiny_llama(tokenizer)
+    conversations = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    scope = CacheScope(GenerationCache(tmp_path / "c.sqlite"), "tiny")
+    first = generate_responses(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, cache=scope, progress=False)
+    assert scope.cache.count() == 3  # one entry per batch
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated although every batch is cached")
+
+    monkeypatch.setattr("harness.generation._generate_batch", no_generation)
+    again = generate_responses(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, cache=scope, progress=False)
+    assert again == first
+    other_state = CacheScope(scope.cache, "another adapter")
+    with pytest.raises(AssertionError, match="generated although"):
+        generate_responses(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, cache=other_state, progress=False)
+
+
+def checkpoint(folder, step, epoch, complete=True):
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": epoch}))
+
+
+def test_half_written_checkpoints_are_dropped_and_resume_takes_the_newest(tmp_path):
+    checkpoint(tmp_path / "checkpoint-2", 2, 1.0)
+    checkpoint(tmp_path / "checkpoint-4", 4, 2.0)
+    checkpoint(tmp_path / "checkpoint-6", 6, 3.0, complete=False)  # killed while saving
+    assert [c.step for c in epoch_checkpoints(tmp_path)] == [2, 4]
+    assert resume_point(tmp_path, resumed=True) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert [(c.epoch, c.step) for c in epoch_checkpoints(tmp_path)] == [(1, 2), (2, 4)]
+    assert resume_point(tmp_path, resumed=False) is None and not list(tmp_path.glob("checkpoint-*"))
+    assert drop_incomplete(tmp_path) == []
+
+
+@pytest.fixture
+def data_copy(tmp_path):
+    """The datasets a Study B config reads, copied without MANIFEST.json so a test may edit them."""
+    root = data.resolve_data_dir()
+    copy = tmp_path / "data"
+    for folder in ("advbench", "directharm4", "wikihow_lists_summary", "xstest", "beavertails_evaluation"):
+        shutil.copytree(root / folder, copy / folder)
+    return copy
+
+
+def test_empty_fields_are_rejected_or_dropped_with_a_count(data_copy, caplog):
+    path = data_copy / "advbench" / "harmful_behaviors.csv"
+    lines = path.read_text().splitlines()
+    lines.insert(3, ',"sure, here is nothing"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DatasetError, match=r"harmful_behaviors.csv record 3: empty prompt"):
+        data.load_harmful("advbench", data_copy)
+    with caplog.at_level("WARNING", logger="harness.data"):
+        rows = data.load_harmful("advbench", data_copy, bad_rows="drop")
+    assert len(rows) == 520 and all(row.prompt.strip() for row in rows)
+    assert "dropped 1 record" in caplog.text
+
+
+def test_changed_dataset_is_an_error_unless_a_new_version_is_asked_for(data_copy, tmp_path):
+    from harness.config import parse_config
+    from harness.pipeline import ExperimentRunner
+
+    def config(**extra):
+        return parse_config({
+            "name": "drift", "model": "smollm2-135m-instruct",
+            "data": {"data_dir": str(data_copy), "formats": ["list"], "train_size": 2, "val_size": 0, "test_size": 1,
+                     "harmful": {"sources": {"advbench": 1}}},
+            "eval": {"task": False, "xstest": None, "evaluate_base": False},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}, "seeds": [0], **extra,
+        })
+
+    ExperimentRunner(config()).prepare()
+    ExperimentRunner(config()).prepare()  # same data: fine
+    path = data_copy / "advbench" / "harmful_behaviors.csv"
+    path.write_text(path.read_text().replace("bomb", "b0mb", 1))
+    with pytest.raises(HarnessError, match=r"advbench/harmful_behaviors.csv changed since study 'drift' began"):
+        ExperimentRunner(config()).prepare()
+    assert Tracker.next_version("drift", f"sqlite:///{tmp_path / 'm.db'}") == "drift-v2"
+
+
+def test_fault_points_are_checked():
+    from harness import faults
+
+    os.environ["HARNESS_KILL_AT"] = "nowhere:1"
+    try:
+        with pytest.raises(ValueError, match="POINT:N"):
+            faults.reached("train_step")
+    finally:
+        del os.environ["HARNESS_KILL_AT"]
+    faults.reached("train_step")  # unset: nothing happens
+
+
+def test_cuda_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
+    import torch
+
+    from harness.generation import _generate_batch_fitting
+
+    sizes = []
+
+    def generate(model, tokenizer, prompts, decoding, seed):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return [f"reply to {prompt[0]}" for prompt in prompts]
+
+    monkeypatch.setattr("harness.generation._generate_batch", generate)
+    replies = _generate_batch_fitting(None, None, [[i] for i in range(5)], {}, seed=0)
+    assert replies == [f"reply to {i}" for i in range(5)]  # order kept across the splits
+    assert sizes == [5, 2, 3, 1, 2]
+    monkeypatch.setattr("harness.generation._generate_batch",
+                        lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(HarnessError, match="single prompt"):
+        _generate_batch_fitting(None, None, [[1]], {}, seed=0)
+
+
+def test_a_full_disk_is_one_line(capsys):
+    import errno
+
+    import typer
+
+    from harness.errors import one_line_errors
+
+    @one_line_errors
+    def command():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/outputs/cache/generations.sqlite")
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 2
+    assert capsys.readouterr().err == (
+        "error: disk full writing /data/outputs/cache/generations.sqlite; free space and rerun to resume\n"
+    )
