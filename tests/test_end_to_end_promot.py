@@ -27,7 +27,7 @@ PROMOT_STUDY = {
                    "stage1": {"learning_rate": 0.01, "batch_size": 4, "grad_accum": 1, "epochs": 0.5, "warmup_steps": 0}},
     },
     "eval": {"batch_size": 8, "evaluate_base": False, "decoding": [{"temperature": 0, "max_new_tokens": 8}],
-             "judges": [{"name": "keyword"}]},
+             "judges": [{"name": "keyword"}], "xstest": {"safe": 2, "unsafe": 1}},
 }
 
 
@@ -61,8 +61,8 @@ def test_promot_evaluations_without_and_with_the_prompt(promot_study):
     evaluations = of_kind(runs, "evaluation")
     with_prompt = [run for run in evaluations if tag(run, "soft_prompt") == "True"]
     without = [run for run in evaluations if tag(run, "soft_prompt") is None]
-    # harmful mix (keyword judge) + wikihow json, once without and once with the soft prompt
-    assert len(without) == 2 and len(with_prompt) == 2
+    # harmful mix, XSTest unsafe and safe (keyword judge) + wikihow json, once without and once with the soft prompt
+    assert len(without) == 4 and len(with_prompt) == 4
     for group in (with_prompt, without):
         task = [run for run in group if tag(run, "benchmark") == "wikihow"]
         assert len(task) == 1 and {"rouge_l", "sbert", "format_adherence"} <= set(task[0].data.metrics)

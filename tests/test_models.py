@@ -163,16 +163,19 @@ def test_chunked_gguf_is_assembled_converted_and_renamed_atomically(tmp_path, mo
     assert json.loads((directory / "harness_source.json").read_text())["alias"] == "fake"
 
 
-def test_adapter_loads_and_unloads_on_one_base_model(smollm2, tmp_path):
+def _save_random_adapter(model, folder):
+    """Save a LoRA adapter with a non-zero update (init_lora_weights=False), then take it out of `model` again."""
     from peft import LoraConfig, get_peft_model
 
+    trained = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trained.save_pretrained(folder)
+    return unload_adapter(trained)
+
+
+def test_adapter_loads_and_unloads_on_one_base_model(smollm2, tmp_path):
     model, tokenizer = smollm2
     before = _logits(model, tokenizer)
-    # init_lora_weights=False gives a non-zero update, so the adapter visibly changes the outputs.
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    trained = get_peft_model(model, config)
-    trained.save_pretrained(tmp_path / "adapter")
-    base = unload_adapter(trained)
+    base = _save_random_adapter(model, tmp_path / "adapter")
     torch.testing.assert_close(_logits(base, tokenizer), before, rtol=0, atol=0)
 
     with_adapter = load_adapter(base, tmp_path / "adapter")
@@ -184,14 +187,9 @@ def test_adapter_loads_and_unloads_on_one_base_model(smollm2, tmp_path):
 
 def test_merged_copy_matches_the_adapter_and_leaves_the_base_alone(smollm2, tmp_path):
     """Evaluation on a CPU merges each checkpoint into a copy: same outputs, base weights untouched."""
-    from peft import LoraConfig, get_peft_model
-
     model, tokenizer = smollm2
     before = _logits(model, tokenizer)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    trained = get_peft_model(model, config)
-    trained.save_pretrained(tmp_path / "adapter")
-    with_adapter = load_adapter(unload_adapter(trained), tmp_path / "adapter")
+    with_adapter = load_adapter(_save_random_adapter(model, tmp_path / "adapter"), tmp_path / "adapter")
     in_place = _logits(with_adapter, tokenizer)
     base = unload_adapter(with_adapter)
 
