@@ -125,6 +125,29 @@ def bench(
     report(result, json_path or Path("outputs") / f"bench-{task}-{Path(model).name}.json")
 
 
+@app.command()
+@one_line_errors
+def figures(
+    study: str = typer.Option(..., "--study", help="The study to draw (its experiment YAML's name)"),
+    out: Path = typer.Option(Path("figures"), "--out", help="Folder for the PNGs, CSVs, report.md and report.html"),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Tracking store, e.g. sqlite:///mlruns/mlflow.db or http://host:5000 "
+        "(default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)"),
+    epoch: int = typer.Option(
+        None, "--epoch", help="Epoch for the per-format figures and Table 1 (default: each fine-tune's last)"),
+) -> None:
+    """Study B's figures and tables (Fig. 3, Fig. 4, Table 1) from a study's FINISHED runs, with a report.
+
+    What the store lacks is named on stderr and in the report instead of being drawn empty.
+    """
+    from harness.figures import build_report, print_messages
+
+    report = build_report(study, out, tracking_uri=tracking_uri, epoch=epoch)
+    print_messages(report)
+    print(f"wrote {len(report.files)} files to {out}: {', '.join(report.files)}")
+    print(f"open {out / 'report.html'} (or report.md)")
+
+
 from harness.cli_judges import app as judges_app  # noqa: E402  (light: heavy imports happen per command)
 
 app.add_typer(judges_app, name="judges", help="Measure judges against human-labelled sets: harness judges validate ...")
