@@ -61,6 +61,11 @@ def resume_point(output_dir: Path, resumed: bool) -> str | None:
     return str(folders[-1]) if folders else None
 
 
+def has_checkpoint(output_dir: Path) -> bool:
+    """Whether a complete checkpoint is on disk: if not, training starts from step 0 whatever the store says."""
+    return any(_state(folder) is not None for folder in _folders(output_dir))
+
+
 def epoch_checkpoints(output_dir: Path) -> list[EpochCheckpoint]:
     """Every complete checkpoint under `output_dir`, by step, with the epoch its trainer state records."""
     checkpoints = []

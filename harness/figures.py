@@ -12,6 +12,10 @@ Two rules keep the figures honest:
 - Nothing is recomputed. ASR, over-refusal and their intervals, ROUGE-L and S-BERT are the values the
   evaluation runs logged; only FINISHED runs count, and the report says how many others were skipped.
 
+A sweep's trials live in the same study: what a trial fine-tuned at its own sampled settings is drawn only in
+the sweep's figure, never as an arm of the study (a ProMoT at five learning rates is not one `promot` point). A
+fine-tune that `harness run` reused from a trial (`harness.study_arm=True`: the same unit) is an arm again.
+
 ProMoT evaluated *with* its soft prompt attached (`harness.soft_prompt=True`) is drawn as its own method,
 `promot+prompt`, beside `promot` (evaluated without it, as the paper does), never mixed into it.
 
@@ -28,6 +32,7 @@ import sys
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,12 +67,14 @@ class Query:
     filter: str
     runs: list
     skipped: Counter = field(default_factory=Counter)
+    sweep_only: int = 0
 
     def describe(self, study: str) -> str:
         skipped = sum(self.skipped.values())
         detail = ", ".join(f"{status} {count}" for status, count in sorted(self.skipped.items()))
+        trials = f"; {self.sweep_only} of sweep trials left to the sweep figure" if self.sweep_only else ""
         return (f"Query: experiment `{study}`, filter `{self.filter}`; FINISHED runs only ({len(self.runs)} used, "
-                f"{skipped} non-FINISHED skipped{': ' + detail if detail else ''}).")
+                f"{skipped} non-FINISHED skipped{': ' + detail if detail else ''}{trials}).")
 
 
 class StudyRuns:
@@ -90,9 +97,30 @@ class StudyRuns:
         self.tracker = Tracker(study, self.tracking_uri)  # the experiment exists, so nothing is created
 
     def query(self, filter_string: str) -> Query:
-        runs = self.tracker.search(filter_string)
+        matched = self.tracker.search(filter_string)
+        runs = [run for run in matched if run.info.run_id not in self.sweep_only]
         finished = [run for run in runs if run.info.status == "FINISHED"]
-        return Query(filter_string, finished, Counter(run.info.status for run in runs if run.info.status != "FINISHED"))
+        return Query(filter_string, finished, Counter(run.info.status for run in runs if run.info.status != "FINISHED"),
+                     sweep_only=len(matched) - len(runs))
+
+    @cached_property
+    def sweep_only(self) -> set[str]:
+        """Runs made by a sweep trial at its own settings: its fine-tunes (unless `harness run` reused one as a
+        study arm) and everything below them. The trial runs themselves stay (the sweep figure reads them)."""
+        everything = self.tracker.search("")
+        kind = {run.info.run_id: run.data.tags.get("harness.kind") for run in everything}
+        below: dict[str, list] = {}
+        for run in everything:
+            below.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
+        frontier = [run.info.run_id for run in everything
+                    if kind.get(run.data.tags.get("mlflow.parentRunId")) == "trial"
+                    and run.data.tags.get("harness.study_arm") != "True"]
+        found: set[str] = set()
+        while frontier:
+            run_id = frontier.pop()
+            found.add(run_id)
+            frontier += [child.info.run_id for child in below.get(run_id, [])]
+        return found
 
     def history(self, run_id: str, metric: str) -> list:
         """A metric's logged points in step order (a resumed run continues its curve; see tracking/runs.py)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from harness import data, faults, formats, promot
 from harness.config import SORRY_BENCH_JUDGE, DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
 from harness.errors import HarnessError
+from harness.checkpoints import has_checkpoint
 from harness.fast_training import fast_training_unavailable
 from harness.evaluation import generate, judge_over_refusal, judge_safety, judge_toxicity, refusal_judge, score_task
 from harness.judge_validation import latest_validation, validation_tags
@@ -236,6 +237,9 @@ class ExperimentRunner:
             # ProMoT's settings identify only ProMoT units: changing them must not "change" an SFT fine-tune.
             "train": self.cfg.train.model_dump(mode="json", exclude=None if method == "promot" else {"promot"}),
         }
+        # The study's method list is in the unit (existing hashes keep it), but in one order: a sweep's
+        # [promot, sft] and a study's [sft, promot] must name the same fine-tune.
+        unit["train"]["methods"] = [name for name in ("sft", "promot") if name in self.cfg.train.methods]
         if self.cfg.train.optimizer == "adamw_torch":  # the default: leaves Study B's existing hashes unchanged
             unit["train"].pop("optimizer")
         return unit
@@ -285,13 +289,19 @@ class ExperimentRunner:
         tags = {"model": cfg.model, **self.data.set_tags[fmt], "method": method, "seed": seed}
         output_dir = Path(cfg.output_dir) / cfg.name / f"{method}-{fmt}-seed{seed}-{unit_hash}"
         done = self.tracker.finished("finetune", unit_hash)
+        if done is not None and parent is None and self.made_by_trial(done):
+            # `harness run` reuses a sweep trial's fine-tune: the same unit is an arm of the study too (figures.py)
+            self.tracker.client.set_tag(done.info.run_id, "harness.study_arm", "True")
         if done is not None:  # trained and evaluated by an earlier invocation: report it, redo nothing
             for checkpoint in descendants(self.tracker, done, "checkpoint"):
                 epoch = int(checkpoint.data.tags.get("harness.epoch", 0))
                 self.summary += stored_summary(self.tracker, checkpoint, (method, fmt, seed, epoch), 1)
             return
+        # Training without a checkpoint on disk (another machine's, or none yet) starts from step 0: the run that
+        # holds the loss curve is then replaced, not reattached, or it would mix two trainings (ProMoT: stage 2).
+        restart = method == "sft" and not has_checkpoint(output_dir)
         with self.tracker.run("finetune", f"{method}-{fmt}-seed{seed}", tags, parent=parent, config=unit,
-                              config_hash=unit_hash) as run:
+                              config_hash=unit_hash, restart=restart) as run:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
             # Which training path ran (harness/fast_training.py): packing changes kernels, not the examples or losses.
             slow_reason = fast_training_unavailable() if method == "sft" else "not used by promot"
@@ -316,8 +326,9 @@ class ExperimentRunner:
         name = f"promot-{fmt}-seed{seed}"
         prompt = self.stage1_prompt(run, tags, model, tokenizer)
         stage2_unit = {**unit, "stage": 2}
-        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run,
-                              config=stage2_unit, config_hash=config_hash(stage2_unit)) as stage2_run:
+        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run, config=stage2_unit,
+                              config_hash=config_hash(stage2_unit),
+                              restart=not has_checkpoint(output_dir / "stage2")) as stage2_run:
             checkpoints = promot.train_stage2(
                 model, tokenizer, self.data.train[fmt], self.data.val[fmt], prompt, cfg.train, seed=seed,
                 output_dir=output_dir / "stage2", run=stage2_run,
@@ -335,6 +346,10 @@ class ExperimentRunner:
         unit["train"] = {"max_length": train.max_length, "quantize_4bit": train.quantize_4bit,
                          "promot": train.promot.model_dump(mode="json", exclude={"evaluate_with_prompt"})}
         return {**unit, "stage": 1}
+
+    def made_by_trial(self, run) -> bool:
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        return bool(parent_id) and self.tracker.client.get_run(parent_id).data.tags.get("harness.kind") == "trial"
 
     def stage1_prompt(self, parent: RunHandle, tags: dict, model=None, tokenizer=None) -> promot.SoftPrompt:
         """The soft prompt for (model, format, seed, stage-1 settings): a FINISHED stage 1 anywhere in the study

@@ -6,12 +6,18 @@
 #                                            (STORE=store.tgz: on the store an earlier machine packed)
 #     bash scripts/gpu-study-b.sh validate   measure both judges against human labels (same store)
 #     bash scripts/gpu-study-b.sh start      the study, one seed after the other, in the background (resumable)
+#     bash scripts/gpu-study-b.sh promot     what the SFT arms leave: the list/JSON ProMoT arms and the prose
+#                                            learning-rate sweep (whose 5e-5 trial is the prose ProMoT arm) side by
+#                                            side on the GPU, the sweep's second worker once the arms are done,
+#                                            then `harness run` on the whole study (reuses every unit)
 #     bash scripts/gpu-study-b.sh wait N     follow the logs for up to N seconds
-#     bash scripts/gpu-study-b.sh pack DIR   the MLflow store (no adapters) as a tarball, for figures elsewhere
+#     bash scripts/gpu-study-b.sh pack DIR   the MLflow store (no adapters) and optuna.db as a tarball
 set -euo pipefail
 work=${WORK:-/root/work}
 export PYTHONPATH=/root/site HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export HARNESS_PROMOT_MICRO_BATCH=${HARNESS_PROMOT_MICRO_BATCH:-4}  # fp32 ProMoT at batch 16 ran out of 80 GB
+optuna="sqlite:///$work/optuna.db"
 harness() { python3 -m harness.cli "$@"; }
 case "${1:-}" in
 setup)
@@ -30,6 +36,7 @@ PY
     mkdir -p "$work/shared" && tar xzf /root/stage/out/shared-data.tgz -C "$work/shared"
     if [ -n "${STORE:-}" ]; then  # continue a study packed by `pack` on an earlier machine
         tar xzf "$STORE" -C "$work" && mv "$work/mlflow-copy.db" "$work/mlflow.db"
+        if [ -f "$work/optuna-copy.db" ]; then mv "$work/optuna-copy.db" "$work/optuna.db"; fi
     fi
     setsid python3 -m mlflow server --backend-store-uri "sqlite:///$work/mlflow.db" \
         --artifacts-destination "$work/artifacts" --host 127.0.0.1 --port 5000 --workers 2 \
@@ -58,19 +65,44 @@ PY
         < /dev/null > /dev/null 2>&1 &
     sleep 5; tail -n 3 "$work"/run-seed*.log
     ;;
+promot)
+    cd "$(dirname "$0")/.."
+    python3 - <<'PY'
+import yaml
+cfg = yaml.safe_load(open("experiments/study_b_qwen1.5b.yaml"))
+arms = {**cfg, "data": {**cfg["data"], "formats": ["list", "json"]}, "output_dir": "/root/work/outputs"}
+arms["eval"] = {**cfg["eval"], "evaluate_base": False}
+yaml.safe_dump(arms, open("/root/work/study_b_list_json.yaml", "w"), sort_keys=False)
+PY
+    sweep="harness.cli sweep experiments/study_b_qwen1.5b_sweep.yaml --storage $optuna"
+    setsid bash -c "
+        (python3 -m harness.cli run $work/study_b_list_json.yaml > $work/run-arms.log 2>&1;
+         python3 -m $sweep > $work/sweep-w2.log 2>&1) &
+        (sleep 20; python3 -m $sweep > $work/sweep-w1.log 2>&1) &
+        wait
+        python3 -m harness.cli run experiments/study_b_qwen1.5b.yaml > $work/run-final.log 2>&1" \
+        < /dev/null > /dev/null 2>&1 &
+    sleep 5; echo started
+    ;;
 wait)
     end=$((SECONDS + ${2:-500}))
-    while [ $SECONDS -lt $end ] && pgrep -f "harness.cli run" >/dev/null; do sleep 10; done
-    for f in "$work"/run-seed*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 8; done
+    while [ $SECONDS -lt $end ] && pgrep -f "harness.cli (run|sweep)" >/dev/null; do sleep 10; done
+    for f in "$work"/run-*.log "$work"/sweep-*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 8; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
 pack)
     out=${2:?output directory}
     sqlite3 "$work/mlflow.db" ".backup '$work/mlflow-copy.db'" 2>/dev/null || python3 -c "
 import sqlite3; s=sqlite3.connect('$work/mlflow.db'); d=sqlite3.connect('$work/mlflow-copy.db'); s.backup(d)"
-    tar czf "$out/store.tgz" -C "$work" mlflow-copy.db artifacts
-    cp "$work"/run-seed*.log "$work"/validate.log "$out/" 2>/dev/null || true
+    files="mlflow-copy.db artifacts"
+    if [ -f "$work/optuna.db" ]; then
+        python3 -c "
+import sqlite3; s=sqlite3.connect('$work/optuna.db'); d=sqlite3.connect('$work/optuna-copy.db'); s.backup(d)"
+        files="$files optuna-copy.db"
+    fi
+    tar czf "$out/store.tgz" -C "$work" $files
+    cp "$work"/run-*.log "$work"/sweep-*.log "$work"/validate.log "$out/" 2>/dev/null || true
     ls -la "$out"
     ;;
-*) echo "usage: bash scripts/gpu-study-b.sh setup|validate|start|wait N|pack DIR" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu-study-b.sh setup|validate|start|promot|wait N|pack DIR" >&2; exit 2 ;;
 esac

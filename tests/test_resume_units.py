@@ -262,3 +262,29 @@ def test_a_full_disk_is_one_line(capsys):
     assert capsys.readouterr().err == (
         "error: disk full writing /data/outputs/cache/generations.sqlite; free space and rerun to resume\n"
     )
+
+
+def test_a_replaced_attempt_takes_its_finished_children_with_it(tracker):
+    """A fine-tune resumed on a machine without its checkpoints trains from step 0 again: the old attempt's
+    FINISHED checkpoint and evaluation belong to the other training and must not stay visible beside the new."""
+    with pytest.raises(RuntimeError):
+        with tracker.run("finetune", "f", {}, config_hash="h1") as first:
+            with tracker.run("checkpoint", "c1", {}, parent=first, config_hash="c1") as checkpoint:
+                with tracker.run("evaluation", "e1", {}, parent=checkpoint, config_hash="e1"):
+                    pass
+            raise RuntimeError("machine taken back")
+    assert statuses(tracker, "checkpoint") == ["FINISHED"] and statuses(tracker, "evaluation") == ["FINISHED"]
+    with tracker.run("finetune", "f", {}, config_hash="h1", restart=True) as second:
+        assert second.run_id != first.run_id and not second.resumed
+    assert statuses(tracker) == ["FINISHED"]
+    assert statuses(tracker, "checkpoint") == [] and statuses(tracker, "evaluation") == []
+
+
+def test_has_checkpoint_sees_only_complete_checkpoints(tmp_path):
+    from harness.checkpoints import has_checkpoint
+
+    assert not has_checkpoint(tmp_path / "missing")
+    (tmp_path / "checkpoint-3").mkdir()
+    assert not has_checkpoint(tmp_path)  # cut off before its trainer state was written
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3, "epoch": 1.0}))
+    assert has_checkpoint(tmp_path)

@@ -148,3 +148,44 @@ def test_figures_draws_the_sweep_pareto_plot(swept):
               for run in of_kind(runs, "trial")}
     assert {int(row["trial"]) for row in rows if row["pareto"] == "True"} == non_dominated(points)
     assert f"sweep_pareto_{NAME}.png" in (out / "report.md").read_text()
+
+
+def fig3_rows(out: Path) -> list[dict]:
+    with open(out / "fig3_asr.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_study_figures_leave_trials_out_until_harness_run_reuses_one(swept):
+    """A trial's fine-tune at its sampled LR is not an arm of the study: Fig. 3 shows only the reference points.
+    `harness run` on the same settings at one grid LR then trains nothing (every unit is FINISHED, whatever
+    the order of train.methods) and that trial's ProMoT becomes the study's ProMoT arm, and only that one."""
+    workdir, _, client, runs, _ = swept
+    store = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+    before = run_cli(["figures", "--study", NAME, "--out", str(workdir / "before"), "--tracking-uri", store], cwd=workdir)
+    assert before.returncode == 0, before.stderr[-3000:]
+    assert {row["method"] for row in fig3_rows(workdir / "before")} == {"base", "sft"}
+    assert "of sweep trials left to the sweep figure" in (workdir / "before" / "report.md").read_text()
+
+    study = {key: value for key, value in SETTINGS.items() if key != "sweep"}
+    study["train"] = {**study["train"], "methods": ["sft", "promot"]}  # the sweep itself sets [promot, sft]
+    assert study["train"]["learning_rate"] in GRID
+    config = workdir / "study_at_one_lr.yaml"
+    config.write_text(yaml.safe_dump(study))
+    done = run_cli(["run", str(config)], cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = client.search_runs([runs[0].info.experiment_id], max_results=1000)
+    assert sorted(run.info.run_id for run in again) == sorted(run.info.run_id for run in runs)  # nothing new
+    reused = [run for run in of_kind(again, "finetune") if tag(run, "study_arm") == "True"]
+    assert [(tag(run, "method"), float(run.data.params["train.learning_rate"])) for run in reused] == [
+        ("promot", study["train"]["learning_rate"])]
+
+    after = run_cli(["figures", "--study", NAME, "--out", str(workdir / "after"), "--tracking-uri", store], cwd=workdir)
+    assert after.returncode == 0, after.stderr[-3000:]
+    promot = [row for row in fig3_rows(workdir / "after") if row["method"] == "promot"]
+    below_reused, frontier = set(), [reused[0].info.run_id]
+    while frontier:
+        run_id = frontier.pop()
+        below_reused.add(run_id)
+        frontier += [run.info.run_id for run in again if parent(run) == run_id]
+    assert promot and {row["run_id"] for row in promot} <= below_reused
+    assert len(promot) == len(SETTINGS["seeds"])  # one LR's arm, not one point per trial

@@ -226,7 +226,7 @@ class Tracker:
         keep = runs[0] if runs and kind in REATTACHED_KINDS and not restart else None
         for run in runs:
             if run is not keep:
-                self.client.delete_run(run.info.run_id)
+                self._delete_with_descendants(run.info.run_id)
         if keep is None:
             return None
         attempt = int(keep.data.tags.get(f"{TAG_PREFIX}attempt", "1")) + 1
@@ -236,6 +236,12 @@ class Tracker:
         if f"{TAG_PREFIX}error" in keep.data.tags:  # the earlier attempt's failure no longer describes this run
             self.client.delete_tag(keep.info.run_id, f"{TAG_PREFIX}error")
         return handle
+
+    def _delete_with_descendants(self, run_id: str) -> None:
+        """A replaced attempt goes with everything under it: its FINISHED checkpoints belong to the old training."""
+        for child in self.search(f"tags.`mlflow.parentRunId` = '{run_id}'"):
+            self._delete_with_descendants(child.info.run_id)
+        self.client.delete_run(run_id)
 
     def search(self, filter_string: str = "", max_results: int = 10000) -> list:
         """Runs of this study matching an MLflow filter (e.g. `tags.\"harness.kind\" = 'evaluation'`)."""
