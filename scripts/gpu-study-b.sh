@@ -9,7 +9,8 @@
 #     bash scripts/gpu-study-b.sh promot     what the SFT arms leave: the list/JSON ProMoT arms and the prose
 #                                            learning-rate sweep (whose 5e-5 trial is the prose ProMoT arm) side by
 #                                            side on the GPU, the sweep's second worker once the arms are done,
-#                                            then `harness run` on the whole study (reuses every unit)
+#                                            then `harness run` on the whole study (reuses every unit);
+#                                            GRACE=120 after a machine was taken back mid-trial
 #     bash scripts/gpu-study-b.sh wait N     follow the logs for up to N seconds
 #     bash scripts/gpu-study-b.sh pack DIR   the MLflow store (no adapters) and optuna.db as a tarball
 set -euo pipefail
@@ -74,7 +75,10 @@ arms = {**cfg, "data": {**cfg["data"], "formats": ["list", "json"]}, "output_dir
 arms["eval"] = {**cfg["eval"], "evaluate_base": False}
 yaml.safe_dump(arms, open("/root/work/study_b_list_json.yaml", "w"), sort_keys=False)
 PY
-    sweep="harness.cli sweep experiments/study_b_qwen1.5b_sweep.yaml --storage $optuna"
+    # On a fresh machine after the last one was taken back: GRACE=120 lets the dead machine's running trial go
+    # stale after 2 minutes instead of the config's 10 (not part of the study's identity).
+    sed "s/^  grace_period: .*/  grace_period: ${GRACE:-600}/" experiments/study_b_qwen1.5b_sweep.yaml > $work/sweep.yaml
+    sweep="harness.cli sweep $work/sweep.yaml --storage $optuna"
     setsid bash -c "
         (python3 -m harness.cli run $work/study_b_list_json.yaml > $work/run-arms.log 2>&1;
          python3 -m $sweep > $work/sweep-w2.log 2>&1) &
