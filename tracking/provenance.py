@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,19 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+ARCHIVAL = Path(__file__).resolve().parent / "git_archival.txt"  # `git archive` writes the commit in (.gitattributes)
+
+
+def archived_commit(path: Path = ARCHIVAL) -> str | None:
+    """The commit of a tree exported with `git archive` (no .git: a tarball sent to a GPU machine), else None."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    match = re.search(r"commit: ([0-9a-f]{40})\b", text)
+    return match.group(1) if match else None
 
 
 def _version(package: str) -> str | None:
@@ -45,11 +59,14 @@ def provenance() -> dict:
     except ImportError:
         pass
     status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
+    # An exported tree has no .git: its commit comes from the archive, and whether it was edited is unknown.
+    git = {"commit": commit, "dirty": bool(status)} if commit else {"commit": archived_commit() or "unknown", "dirty": None}
     return {
         "packages": {name: version for name, version in packages.items() if version},
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "accelerator": accelerator or "cpu",
-        "git": {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(status)},
+        "git": git,
         "command": " ".join(sys.argv),
     }
