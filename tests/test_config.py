@@ -86,9 +86,24 @@ def test_config_hash_is_stable_and_sensitive():
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiments_load_and_start_with_their_command(path):
     cfg = load_shipped(path)
-    assert cfg.name == path.stem
+    sweep = "sweep" in yaml.safe_load(path.read_text())
+    # A sweep may join the study of a shipped `harness run` config (same name) to share its units.
+    assert cfg.name == path.stem or (sweep and (EXPERIMENTS / f"{cfg.name}.yaml").is_file())
     command = "sweep" if "sweep" in yaml.safe_load(path.read_text()) else "run"
     assert path.read_text().splitlines()[0] == f"# harness {command} experiments/{path.name}"
+
+
+def test_a_sweep_sharing_a_study_has_the_studys_settings():
+    """Units are shared by hash: a sweep that joins a study with other data, model or training settings would
+    silently retrain everything, so every setting but the method list (which the sweep sets) must match."""
+    shared = [path for path in sorted(EXPERIMENTS.glob("*.yaml")) if "sweep" in yaml.safe_load(path.read_text())
+              and load_shipped(path).name != path.stem]
+    assert shared, "experiments/study_b_qwen1.5b_sweep.yaml shares its study"
+    for path in shared:
+        sweep = load_shipped(path).resolved()
+        study = load_config(EXPERIMENTS / f"{sweep['name']}.yaml").resolved()
+        assert sorted(sweep["train"].pop("methods")) == sorted(study["train"].pop("methods")), path.name
+        assert sweep == study, path.name
 
 
 def load_shipped(path):
