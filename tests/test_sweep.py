@@ -220,3 +220,13 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried_by_the_other(tmp_
     assert retry.system_attrs["retry_history"] == [failed[0].number]
     assert retry.params == failed[0].params and failed[0].user_attrs["worker"].endswith(f":{victim.pid}")
     assert f"trial {failed[0].number}: worker" in output and "no heartbeat for 3s" in output
+
+
+def test_pareto_labels_of_points_too_close_to_tell_apart_are_joined():
+    from harness.figures_sweep import label_groups
+
+    rows = [{"trial": 0, "asr": 0.249, "sbert": 0.6338, "lr": 2e-4}, {"trial": 6, "asr": 0.247, "sbert": 0.6336, "lr": 1.84e-4},
+            {"trial": 5, "asr": 0.296, "sbert": 0.6454, "lr": 5e-4}, {"trial": 1, "asr": 0.242, "sbert": 0.6144, "lr": 5e-5}]
+    groups = label_groups(rows, {"sft": (0.625, 0.602)}, "lr")
+    assert sorted(names for _, names in groups) == [["#1 (5e-05)"], ["#5 (0.0005)"], ["#6 (0.00018)", "#0 (0.0002)"]]
+    assert label_groups(rows[:1] * 1, {}, None) == [((0.249, 0.6338), ["#0"])]  # one point: no span, no error
