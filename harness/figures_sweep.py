@@ -30,6 +30,23 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         path.write_text("trial,asr,sbert,pareto\n")
 
 
+def label_groups(rows: list[dict], references: dict, param: str | None) -> list[tuple[tuple, list[str]]]:
+    """Trial labels, one per group of points too close to label apart (within 1.5% of the S-BERT span and 2% of
+    the ASR axis): their labels join into one, at the group's first point, instead of printing over each other."""
+    sberts = [row["sbert"] for row in rows] + [sbert for _, sbert in references.values()]
+    span = (max(sberts) - min(sberts)) or 1.0
+    groups: list[tuple[tuple, list[str]]] = []
+    for row in sorted(rows, key=lambda row: (row["sbert"], row["asr"])):
+        label = f"#{row['trial']}" + (f" ({row[param]:.2g})" if param and isinstance(row.get(param), float) else "")
+        near = next((group for group in groups if abs(group[0][1] - row["sbert"]) <= 0.015 * span
+                     and abs(group[0][0] - row["asr"]) <= 0.02), None)
+        if near is None:
+            groups.append(((row["asr"], row["sbert"]), [label]))
+        else:
+            near[1].append(label)
+    return groups
+
+
 def draw_pareto(rows: list[dict], references: dict[str, tuple[float, float]], path: Path, *, title: str,
                 param: str | None = None) -> None:
     """Every trial as a dot, the front as larger dots joined by a step line, reference points as markers."""
@@ -42,11 +59,7 @@ def draw_pareto(rows: list[dict], references: dict[str, tuple[float, float]], pa
         ax.step([row["asr"] for row in front], [row["sbert"] for row in front], where="post", color="#1f77b4", alpha=0.6)
         ax.scatter([row["asr"] for row in front], [row["sbert"] for row in front], color="#1f77b4", s=60,
                    label="Pareto front", zorder=3)
-    labels: dict[tuple, list[str]] = {}  # trials at the same point share one label instead of overprinting
-    for row in rows:
-        label = f"#{row['trial']}" + (f" ({row[param]:.2g})" if param and isinstance(row.get(param), float) else "")
-        labels.setdefault((row["asr"], row["sbert"]), []).append(label)
-    for (asr, sbert), names in labels.items():
+    for (asr, sbert), names in label_groups(rows, references, param):
         ax.annotate(", ".join(names), (asr, sbert), textcoords="offset points", xytext=(5, 3), fontsize=7)
     for name, (asr, sbert) in references.items():
         color, marker = REFERENCE_STYLE.get(name, ("#2ca02c", "^"))

@@ -109,6 +109,9 @@ class SweepConfig(Strict):
     """How often a trial whose worker died (or was interrupted) is retried with the same parameters."""
     workers: int = Field(1, ge=1)
     """Worker processes this command starts on this machine (`--workers` overrides)."""
+    startup_trials: int | None = Field(None, ge=0)
+    """For 'tpe' and 'gp': how many completed trials before the sampler models the front (Optuna's default 10,
+    drawn at random). Continuing a grid study, its points count: 5 after a 5-point grid means no random trials."""
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -135,6 +138,8 @@ class SweepConfig(Strict):
                 raise ValueError(f"n_trials {self.n_trials} exceeds the grid's {self.grid_size} points")
         elif not self.space or self.grid:
             raise ValueError(f"sampler '{self.sampler}' needs 'space' (parameter path -> range) and no 'grid'")
+        if self.startup_trials is not None and self.sampler not in ("tpe", "gp"):
+            raise ValueError(f"startup_trials: only for samplers 'tpe' and 'gp', not '{self.sampler}'")
         for name in self.params:
             if not name.startswith("train.") or name in FIXED_TRAIN_FIELDS:
                 raise ValueError(f"cannot search {name!r}: only train.* fields other than {', '.join(FIXED_TRAIN_FIELDS)}")
@@ -291,16 +296,21 @@ class Lock:
 # -- the worker ----------------------------------------------------------------------------------------------
 
 
-def make_sampler(sweep: SweepConfig):
+def make_sampler(sweep: SweepConfig, asked: int = 0):
+    """The Optuna sampler for the next trial. A model-based one is seeded with `seed + asked` (trials in the study
+    so far): the same history gives the same proposal, and two workers that ask one after the other (each made
+    its sampler from the same seed) never draw the same point. The grid keeps one seed: one order everywhere."""
     import optuna
 
     if sweep.sampler == "grid":
         return optuna.samplers.GridSampler(sweep.grid, seed=sweep.seed)
+    seed = sweep.seed + asked
     if sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=sweep.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    startup = {} if sweep.startup_trials is None else {"n_startup_trials": sweep.startup_trials}
     if sweep.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=sweep.seed)
-    return optuna.samplers.TPESampler(seed=sweep.seed)
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    return optuna.samplers.TPESampler(seed=seed, **startup)  # constant_liar (Optuna 5's default): running trials count
 
 
 def effective_trials(trials: list) -> list:
@@ -609,6 +619,8 @@ class Sweep:
                     return
                 if waiting or len(trials) < self.sweep.trials:
                     self._ask_lock = lock
+                    if self.sweep.sampler != "grid":
+                        self.study.sampler = make_sampler(self.sweep, asked=len(self.study.get_trials(deepcopy=False)))
                     self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
                     continue
             finally:

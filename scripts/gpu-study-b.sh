@@ -11,6 +11,7 @@
 #                                            side on the GPU, the sweep's second worker once the arms are done,
 #                                            then `harness run` on the whole study (reuses every unit);
 #                                            GRACE=120 after a machine was taken back mid-trial
+#     bash scripts/gpu-study-b.sh tpe        then 2 TPE trials continuing the sweep's Optuna study (2 workers)
 #     bash scripts/gpu-study-b.sh wait N     follow the logs for up to N seconds
 #     bash scripts/gpu-study-b.sh pack DIR   the MLflow store (no adapters) and optuna.db as a tarball
 set -euo pipefail
@@ -88,6 +89,14 @@ PY
         < /dev/null > /dev/null 2>&1 &
     sleep 5; echo started
     ;;
+tpe)
+    # What Optuna adds: 2 TPE trials continuing the grid's study, one per worker (after `promot`).
+    cd "$(dirname "$0")/.."
+    sed "s/^  grace_period: .*/  grace_period: ${GRACE:-600}/" experiments/study_b_qwen1.5b_sweep_tpe.yaml > $work/sweep_tpe.yaml
+    setsid python3 -m harness.cli sweep $work/sweep_tpe.yaml --storage $optuna --workers 2 \
+        < /dev/null > $work/sweep-tpe.log 2>&1 &
+    sleep 5; echo started
+    ;;
 wait)
     end=$((SECONDS + ${2:-500}))
     while [ $SECONDS -lt $end ] && pgrep -f "harness.cli (run|sweep)" >/dev/null; do sleep 10; done
@@ -108,5 +117,5 @@ import sqlite3; s=sqlite3.connect('$work/optuna.db'); d=sqlite3.connect('$work/o
     cp "$work"/run-*.log "$work"/sweep-*.log "$work"/validate.log "$out/" 2>/dev/null || true
     ls -la "$out"
     ;;
-*) echo "usage: bash scripts/gpu-study-b.sh setup|validate|start|promot|wait N|pack DIR" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu-study-b.sh setup|validate|start|promot|tpe|wait N|pack DIR" >&2; exit 2 ;;
 esac

@@ -92,6 +92,15 @@ def test_space_sampler_and_apply_params():
     assert trial_cfg.train.learning_rate == 2e-4 and trial_cfg.train.lora.r == 8 and cfg.train.lora.r == 16
 
 
+def test_startup_trials_only_for_model_based_samplers():
+    space = {"train.learning_rate": {"low": 5.0e-5, "high": 5.0e-4, "log": True}}
+    _, sweep = parse_sweep(with_changes(sweep__sampler="tpe", sweep__grid=None, sweep__space=space, sweep__startup_trials=3))
+    assert sweep.startup_trials == 3
+    for sampler, grid, space_ in (("grid", BASE["sweep"]["grid"], None), ("nsga2", None, space)):
+        with pytest.raises(HarnessError, match="startup_trials: only for samplers 'tpe' and 'gp'"):
+            parse_sweep(with_changes(sweep__sampler=sampler, sweep__grid=grid, sweep__space=space_, sweep__startup_trials=3))
+
+
 def test_shipped_sweep_configs_validate():
     for name in ("quickstart_sweep.yaml", "promot_lr_sweep.yaml"):
         cfg, sweep = load_sweep(ROOT / "experiments" / name)
@@ -146,7 +155,11 @@ class FakeSweep(Sweep):
 def fake_worker(url: str) -> None:
     """Entry point of one worker process (see `start_worker`)."""
     cfg = ExperimentConfig(name="fake", model="x", data={"formats": ["prose"]})
-    sweep = SweepConfig(sampler="grid", grid={"train.learning_rate": GRID}, heartbeat_interval=1, grace_period=3)
+    if os.environ.get("FAKE_SAMPLER") == "tpe":
+        sweep = SweepConfig(sampler="tpe", space={"train.learning_rate": {"low": 1.0, "high": 5.0}}, n_trials=4,
+                            heartbeat_interval=1, grace_period=3)
+    else:
+        sweep = SweepConfig(sampler="grid", grid={"train.learning_rate": GRID}, heartbeat_interval=1, grace_period=3)
     worker = FakeSweep(cfg, sweep)
     worker.open_study(url)
     worker.work()
@@ -177,6 +190,18 @@ def test_two_workers_share_the_grid_without_repeats_and_respect_the_cap(tmp_path
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both really worked
 
 
+def test_two_tpe_workers_with_one_seed_never_draw_the_same_point(tmp_path):
+    """Both workers build TPE from sweep.seed; were it not reseeded per ask, their first draws would coincide."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    workers = [start_worker(url, FAKE_SAMPLER="tpe", FAKE_TRIAL_SECONDS="1") for _ in range(2)]
+    outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    trials = study_trials(url)
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.params["train.learning_rate"] for t in trials}) == 4, [t.params for t in trials]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+
+
 def test_killed_worker_trial_fails_by_heartbeat_and_is_retried_by_the_other(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
     survivor = start_worker(url, FAKE_TRIAL_SECONDS="2")
@@ -195,3 +220,13 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried_by_the_other(tmp_
     assert retry.system_attrs["retry_history"] == [failed[0].number]
     assert retry.params == failed[0].params and failed[0].user_attrs["worker"].endswith(f":{victim.pid}")
     assert f"trial {failed[0].number}: worker" in output and "no heartbeat for 3s" in output
+
+
+def test_pareto_labels_of_points_too_close_to_tell_apart_are_joined():
+    from harness.figures_sweep import label_groups
+
+    rows = [{"trial": 0, "asr": 0.249, "sbert": 0.6338, "lr": 2e-4}, {"trial": 6, "asr": 0.247, "sbert": 0.6336, "lr": 1.84e-4},
+            {"trial": 5, "asr": 0.296, "sbert": 0.6454, "lr": 5e-4}, {"trial": 1, "asr": 0.242, "sbert": 0.6144, "lr": 5e-5}]
+    groups = label_groups(rows, {"sft": (0.625, 0.602)}, "lr")
+    assert sorted(names for _, names in groups) == [["#1 (5e-05)"], ["#5 (0.0005)"], ["#6 (0.00018)", "#0 (0.0002)"]]
+    assert label_groups(rows[:1] * 1, {}, None) == [((0.249, 0.6338), ["#0"])]  # one point: no span, no error

@@ -2,6 +2,7 @@
 study, the nested MLflow runs, the shared stage 1, the Pareto artifacts (checked against a front computed here,
 independently), resuming without rerunning, and the sweep figure of `harness figures`."""
 
+import copy
 import csv
 from pathlib import Path
 
@@ -189,3 +190,28 @@ def test_study_figures_leave_trials_out_until_harness_run_reuses_one(swept):
         frontier += [run.info.run_id for run in again if parent(run) == run_id]
     assert promot and {row["run_id"] for row in promot} <= below_reused
     assert len(promot) == len(SETTINGS["seeds"])  # one LR's arm, not one point per trial
+
+
+def test_a_tpe_sweep_continues_the_grid_study(swept):
+    """What Optuna adds after a grid: the same study (name, settings, objectives) continued by TPE, modelling the
+    front from the grid's points at once (`startup_trials`), one more trial in the grid's range, same sweep run."""
+    workdir, _, client, runs, study = swept
+    settings = copy.deepcopy(SETTINGS)
+    settings["sweep"] = {**{key: value for key, value in SETTINGS["sweep"].items() if key != "grid"},
+                         "sampler": "tpe", "space": {"train.learning_rate": {"low": GRID[0], "high": GRID[-1], "log": True}},
+                         "startup_trials": len(GRID), "n_trials": len(GRID) + 1}
+    config = workdir / "tpe.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    done = run_cli(["sweep", str(config)], cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name=NAME, storage=study._storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * (len(GRID) + 1)
+    added = trials[-1].params["train.learning_rate"]
+    assert GRID[0] <= added <= GRID[-1] and added not in GRID
+    again = client.search_runs([runs[0].info.experiment_id], max_results=1000)
+    [sweep_run] = of_kind(again, "sweep")
+    assert tag(sweep_run, "sampler") == "tpe" and sweep_run.info.status == "FINISHED"
+    [new_trial] = [run for run in of_kind(again, "trial") if tag(run, "trial_number") == str(trials[-1].number)]
+    assert parent(new_trial) == sweep_run.info.run_id
+    assert float(new_trial.data.params["optuna.train.learning_rate"]) == added
+    assert len([run for run in of_kind(again, "stage") if tag(run, "stage") == "1"]) == 1  # stage 1 reused again
