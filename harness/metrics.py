@@ -112,7 +112,11 @@ def _rouge_scorer():
 def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """Per-item ROUGE-L F-measure (Lin 2004), rouge-score's `rougeL` with Porter stemming.
 
-    Lexical, so it rewards reproducing the trained *format* (Study B uses it for exactly that).
+    Lexical on *words* only: rouge-score's tokenizer lowercases and drops every non-alphanumeric character, so
+    list markers, quotes, brackets and braces vanish before matching. ROUGE-L therefore does NOT see format:
+    prose against its own list rendering scores 1.0, against its JSON rendering above 0.9 (only the key
+    `procedure` is added; tests/test_metrics.py pins both). It measures content overlap; the format measure is
+    `format_adherence` (harness.evaluation: the share of responses that parse in the expected format).
     """
     _check_pairs(predictions, references)
     scorer = _rouge_scorer()
@@ -158,7 +162,7 @@ def sbert_similarity(
 ) -> list[float]:
     """Per-item cosine similarity of Sentence-BERT embeddings (Reimers & Gurevych 2019).
 
-    Semantic, so unlike ROUGE-L it is largely blind to format; Study B reports both.
+    Semantic and, like ROUGE-L, largely blind to format (`format_adherence` measures format); Study B reports both.
     `model` is the default name (resolved to the packaged copy), a local path, or a hub id.
     """
     _check_pairs(predictions, references)

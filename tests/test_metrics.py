@@ -73,6 +73,18 @@ def test_safety_metrics_all_safe_and_empty():
 # --- task quality ----------------------------------------------------------------------------
 
 
+def test_rouge_l_does_not_see_format_so_format_adherence_must():
+    """rouge-score drops punctuation: the same steps as prose, list and JSON score (almost) alike."""
+    from harness.formats import is_valid, render
+
+    steps = ["Preheat the oven to 180 degrees.", "Mix the flour with two eggs.", "Bake it for twenty minutes."]
+    prose, as_list, as_json = (render(fmt, steps).text for fmt in ("prose", "list", "json"))
+    assert rouge_l([as_list], [prose]) == 1.0
+    # 17 words; JSON adds exactly one, its key "procedure": LCS 17, P = 17/18, R = 1, F = 2*17/(17+18) = 0.971.
+    assert rouge_l([as_json], [prose]) == pytest.approx(34 / 35)
+    assert [is_valid("list", text) for text in (prose, as_list, as_json)] == [False, True, False]
+
+
 def test_rouge_l_identical_and_disjoint():
     text = "Preheat the oven. Mix the flour and the eggs. Bake for twenty minutes."
     assert rouge_l([text], [text]) == 1.0
