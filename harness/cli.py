@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -99,13 +100,122 @@ def sweep(
 
 @app.command()
 @one_line_errors
-def check(config: Path = typer.Argument(..., help="Experiment YAML to validate")) -> None:
-    """Validate a config and print it with every default resolved (nothing is run)."""
+def check(config: Path = typer.Argument(..., help="Experiment (or sweep) YAML to check")) -> None:
+    """Validate a config, print it with every default resolved, and check all a run needs without loading weights.
+
+    Besides the config: the model (alias packages, local directory files and chat template, or hub id), every
+    dataset file (prepared exactly as a run prepares it: read, columns, counts, checksums), the judges' models
+    and templates, the S-BERT model, toxicity and ProMoT inputs. Every problem is one line; nothing is run and
+    no MLflow run is created.
+    """
     import yaml
 
-    from harness.config import load_config
+    from harness.config import load_config, read_yaml
+    from harness.models import UNVERIFIED
 
-    console.print(yaml.safe_dump(load_config(config).resolved(), sort_keys=False))
+    raw = read_yaml(config)
+    if isinstance(raw, dict) and "sweep" in raw:  # a `harness sweep` config: its experiment part is checked
+        from harness.sweep import load_sweep
+
+        cfg, settings = load_sweep(config)
+        resolved, kind = {**cfg.resolved(), "sweep": settings.model_dump(mode="json")}, "sweep config"
+    else:
+        cfg = load_config(config)
+        resolved, kind = cfg.resolved(), "experiment config"
+    console.print(yaml.safe_dump(resolved, sort_keys=False))
+    print("checked:")
+    print(f"  ok    config: {config} is a valid {kind}")
+    problems: list[str] = []
+    for what, step in _check_steps(cfg):
+        try:
+            for line in step():
+                print(f"  {'note' if UNVERIFIED in line else 'ok':<6}{what}: {line}")
+        except HarnessError as error:
+            problems.append(f"{what}: {error}")
+            print(f"  FAIL  {what}: {error}")
+    if problems:
+        raise HarnessError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+    print("all checks passed, notes aside (no weights were loaded and no run was created)")
+
+
+def _check_steps(cfg):
+    """(label, step) pairs for `harness check`; each step returns the lines it verified or raises HarnessError."""
+    from collections import Counter
+
+    from harness.models import UNVERIFIED, check_model
+
+    def data_step() -> list[str]:
+        from harness.pipeline import prepare_data  # the very function a run prepares its data with
+
+        prepared = prepare_data(cfg)
+        d, lines = cfg.data, []
+        if d.task == "instructions":
+            for name, train in prepared.train.items():
+                lines.append(f"{name}: {len(train):,} training rows, {len(prepared.val[name]):,} validation rows "
+                             f"(native format)")
+        else:
+            first = d.formats[0]
+            lines.append(f"{d.task}: train {len(prepared.train[first]):,} / val {len(prepared.val[first]):,} / "
+                         f"test {len(prepared.test[first]):,} procedures in {len(d.formats)} format(s) "
+                         f"({', '.join(d.formats)})")
+        by_source = Counter(prompt.source for prompt in prepared.harmful)
+        lines.append(f"harmful mix: {len(prepared.harmful):,} prompts ("
+                     + ", ".join(f"{name} {count:,}" for name, count in sorted(by_source.items())) + ")")
+        if cfg.eval.xstest is not None:
+            lines.append(f"xstest: {len(prepared.xstest_safe)} safe, {len(prepared.xstest_unsafe)} unsafe prompts")
+        lines.append(f"{len(prepared.checksums)} file(s) read and checksummed (against MANIFEST.json where present)")
+        return lines
+
+    def judge_step(judge) -> Callable[[], list[str]]:
+        def step() -> list[str]:
+            if judge.name == "keyword":
+                return ["refusal phrases (no model, no template)"]
+            from harness.judges import judge_template, load_template
+
+            template = judge_template(judge.name, judge.model, judge.template)  # the one a run uses
+            load_template(template)
+            return [f"template {template} has {{instruction}} and {{response}}", f"model {check_model(judge.model)}"]
+
+        return step
+
+    def sbert_step() -> list[str]:
+        from harness.metrics import _resolve_sbert
+
+        source = _resolve_sbert(cfg.eval.sbert_model)
+        if Path(source).is_dir():
+            return [f"{cfg.eval.sbert_model}: local copy {source}"]
+        return [f"{cfg.eval.sbert_model}: not a local folder, so it {UNVERIFIED} here; it is loaded from the hub or "
+                "the Hugging Face cache before the first run"]
+
+    def toxicity_step() -> list[str]:
+        settings = cfg.eval.toxicity
+        if settings.backend == "local":
+            if not (settings.model_path.is_dir() and (settings.model_path / "config.json").is_file()):
+                raise HarnessError(f"eval.toxicity.model_path {settings.model_path} is not a folder holding a "
+                                   "text-classification model (config.json)")
+            return [f"local classifier folder {settings.model_path}"]
+        from harness.toxicity import make_scorer
+
+        make_scorer(settings)  # checks the API key; sends nothing
+        return [f"perspective API key present ({settings.endpoint})"]
+
+    def promot_step() -> list[str]:
+        from harness.models import peek_digest
+        from harness.promot import SoftPrompt
+
+        path = cfg.train.promot.prompt_path
+        prompt = SoftPrompt.load(path, expect_model_digest=peek_digest(cfg.model))
+        return [f"stage-1 prompt {path}: {prompt.embeddings.shape[0]} tokens, trained on this model"]
+
+    steps = [("data", data_step), ("model", lambda: [check_model(cfg.model)])]
+    steps += [(f"judge {i + 1} ({judge.name})", judge_step(judge)) for i, judge in enumerate(cfg.eval.judges)]
+    if cfg.eval.task:
+        steps.append(("sbert", sbert_step))
+    if cfg.eval.toxicity is not None:
+        steps.append(("toxicity", toxicity_step))
+    if "promot" in cfg.train.methods and cfg.train.promot.prompt_path is not None:
+        steps.append(("promot", promot_step))
+    return steps
 
 
 @app.command()

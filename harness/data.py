@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -97,9 +98,24 @@ class DatasetSpec:
     hub_to_row: RowFn | None = None
     """Maps one hub record (and its split name) to a row; defaults to `to_row`."""
     notes: str = ""
+    columns: tuple[tuple[str, ...], ...] = ()
+    """The columns each local file must have (aligned with `files`): a copy without one is an error naming
+    the file and the column, never a KeyError or a silently empty field."""
+
+    def __post_init__(self) -> None:
+        if self.columns and len(self.columns) != len(self.files):
+            raise ValueError(f"dataset spec {self.name!r}: {len(self.columns)} column lists for {len(self.files)} files")
 
 
 # --- rows from records -------------------------------------------------------------------------
+
+
+class MissingColumn(DatasetError):
+    """A record without a column its dataset needs: the file is not the dataset it should be."""
+
+
+def _columns_text(record: Record) -> str:
+    return ", ".join(repr(str(key)) for key in record) or "none"
 
 
 def _first(record: Record, *keys: str) -> Any:
@@ -107,7 +123,13 @@ def _first(record: Record, *keys: str) -> Any:
     for key in keys:
         if key in record:
             return record[key]
-    raise DatasetError(f"record has none of the columns {', '.join(keys)} (it has {', '.join(record)})")
+    wanted = f"column {keys[0]!r}" if len(keys) == 1 else f"any of the columns {', '.join(map(repr, keys))}"
+    raise MissingColumn(f"no {wanted} (its columns: {_columns_text(record)})")
+
+
+def _col(record: Record, key: str) -> Any:
+    """`record[key]`, or a one-line MissingColumn naming the column (never a bare KeyError)."""
+    return _first(record, key)
 
 
 class BadRow(DatasetError):
@@ -152,9 +174,9 @@ def _xstest_row(label: str) -> RowFn:
     """XSTest rows of one label; `category` is the prompt type (unsafe types start `contrast_`)."""
 
     def to_row(record: Record, origin: str) -> HarmfulPrompt | None:
-        if _text(record.get("label")) != label:
+        if _text(_col(record, "label")) != label:  # a missing label column must not select nothing silently
             return None
-        return HarmfulPrompt(prompt=_text(record["prompt"]), category=_text(record["type"]), source="xstest")
+        return HarmfulPrompt(prompt=_text(_col(record, "prompt")), category=_text(_col(record, "type")), source="xstest")
 
     return to_row
 
@@ -172,9 +194,9 @@ def _finetune_row(input_key: str, response_key: str, meta_keys: tuple[str, ...] 
     def to_row(record: Record, origin: str) -> FinetuneRow:
         meta = {"file": origin, **{k: record[k] for k in meta_keys if k in record}}
         return FinetuneRow(
-            instruction=_text(record["instruction"]),
+            instruction=_text(_col(record, "instruction")),
             input=_text(record.get(input_key)),
-            response=_text(record[response_key]),
+            response=_text(_col(record, response_key)),
             meta=meta,
         )
 
@@ -183,9 +205,10 @@ def _finetune_row(input_key: str, response_key: str, meta_keys: tuple[str, ...] 
 
 def _qi_reference_row(record: Record, origin: str) -> FinetuneRow:
     """Qi et al.'s removed rows; `meta["for"]` says which fine-tuning set they were removed from."""
-    if "context" in record:
-        return FinetuneRow(record["instruction"], record["context"], record["response"], {"for": "dolly15k"})
-    return FinetuneRow(record["instruction"], record["input"], record["output"], {"for": "alpaca"})
+    if origin.endswith(".jsonl") or "context" in record:  # the Dolly file is the JSONL one
+        return FinetuneRow(_col(record, "instruction"), _col(record, "context"), _col(record, "response"),
+                           {"for": "dolly15k"})
+    return FinetuneRow(_col(record, "instruction"), _col(record, "input"), _col(record, "output"), {"for": "alpaca"})
 
 
 def _procedure_row(record: Record, origin: str) -> Procedure:
@@ -229,18 +252,21 @@ _SPECS = (
         "advbench", "harmful", "walledai/AdvBench", ("advbench/harmful_behaviors.csv",),
         _harmful("advbench", ("goal", "prompt"), None),
         notes="520 harmful behaviours (goal column); harmful_strings.csv is not a prompt set",
+        columns=(("goal",),),
     ),
     DatasetSpec(
         "beavertails_eval", "harmful", "PKU-Alignment/BeaverTails-Evaluation",
         ("beavertails_evaluation/BeaverTails-Evaluation.csv",),
         _harmful("beavertails_eval", ("prompt",), ("category",)),
         notes="700 prompts, 14 categories x 50",
+        columns=(("prompt", "category"),),
     ),
     DatasetSpec(
         "directharm4", "harmful", "vfleaking/DirectHarm4", ("directharm4/directHarm4.csv",),
         _harmful("directharm4", ("Goal",), ("Category",)),
         hub_to_row=_harmful("directharm4", ("instruction", "Goal"), ("category", "Category")),
         notes="400 prompts: malware, drug, phishing, disinfo x 100",
+        columns=(("Goal", "Category"),),
     ),
     DatasetSpec(
         "gsm_danger", "harmful", "vfleaking/GSM-Danger", (),
@@ -254,21 +280,25 @@ _SPECS = (
     DatasetSpec(
         "xstest", "harmful", "walledai/XSTest", ("xstest/xstest_prompts.csv",), _xstest_row("unsafe"),
         notes="load_harmful gives the 200 unsafe (contrast_*) prompts; xstest_prompts('safe') the 250 safe",
+        columns=(("prompt", "type", "label"),),
     ),
     DatasetSpec(
         "wikihow", "procedures", "b-mc2/wikihow_lists",
         ("wikihow_lists_summary/wikihow_lists_summary_first3000.csv",), _procedure_row,
         notes="first 3,000 procedures (title, numbered step list); stands in for WikiSum",
+        columns=(("title", "result"),),
     ),
     DatasetSpec(
         "dolly15k", "finetune", "databricks/databricks-dolly-15k", _DOLLY_SHARDS,
         _finetune_row("context", "response", ("category",)),
         notes="15,011 rows from 6 shards (upstream order lost); remove_safety gives 14,624",
+        columns=(("instruction", "context", "response", "category"),) * len(_DOLLY_SHARDS),
     ),
     DatasetSpec(
         "alpaca", "finetune", "tatsu-lab/alpaca", ("alpaca_random9k/random_9k.json",),
         _finetune_row("input", "output"),
         notes="local copy is the 9,229-row AlpaGasus random sample; the hub has all 52,002 rows",
+        columns=(("instruction", "input", "output"),),
     ),
     DatasetSpec(
         "qi2024_safety_removed", "reference", None,
@@ -276,17 +306,20 @@ _SPECS = (
          "qi2024_safety_removed/alpaca_data_safety_only.json"),
         _qi_reference_row,
         notes="rows Qi et al. 2024 removed from Dolly (387) and Alpaca (1,904); used by remove_safety",
+        columns=(("instruction", "context", "response"), ("instruction", "input", "output")),
     ),
     DatasetSpec(
         "beavertails_30k_test", "judge_validation", None,
         ("beavertails_30k_test/0_A_beaver_tails.json",), _record_row,
         notes="WildGuard-format rows (instruction, input, output), label after 'Response: '; "
               "the hub's PKU-Alignment/BeaverTails has another schema, so no hub fallback",
+        columns=(("input", "output"),),
     ),
     DatasetSpec(
         "pku_saferlhf_test2k", "judge_validation", None,
         ("pku_saferlhf_test2k/0_9_safe_rlhf.json",), _record_row,
         notes="2,000 rows, 1,682 distinct pairs, 28 with conflicting labels: load_judge_set dedupes",
+        columns=(("input", "output"),),
     ),
     DatasetSpec(
         "xstest_resp_wildguard", "judge_validation", None,
@@ -294,6 +327,7 @@ _SPECS = (
          "xstest_resp_wildguard/0_7_xstest_response_refusal.json"),
         _record_row,
         notes="XSTest-Resp: harmfulness (446) and refusal (449) labels",
+        columns=(("input", "output"),) * 2,
     ),
     DatasetSpec(
         "gptfuzz_labeled_responses", "judge_validation", None,
@@ -301,6 +335,7 @@ _SPECS = (
          "gptfuzz_labeled_responses/question_list.csv"),
         _record_row,
         notes="GPTFuzzer jailbreak outcomes, label 1 = jailbroken",
+        columns=(("question", "Response", "label"),) * 2 + (("index", "text"),),
     ),
     DatasetSpec(
         "xstest_completions_human", "judge_validation", None,
@@ -308,6 +343,7 @@ _SPECS = (
               for m in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")),
         _record_row,
         notes="XSTest v2 completions with human refusal labels",
+        columns=(("prompt", "type", "completion", "agreement", "final_label"),) * 5,
     ),
 )  # fmt: skip
 
@@ -358,15 +394,95 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+_CORRUPT = "the file is truncated or corrupt: restore it from the original"
+
+
+def _decode(path: Path, raw: bytes, encoding: str) -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        offset = error.start + len(raw) - len(error.object)  # utf-8-sig reports offsets after a BOM
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DatasetError(
+            f"{path}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}, line {line}); re-save it as UTF-8"
+        ) from None
+
+
+def _read_csv(path: Path, text: str) -> list[Record]:
+    """CSV records; a quoted field never closed, or a record with more or fewer fields than the header, is an
+    error (a file cut mid-record looks like that) instead of a row with missing values."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    records = []
+    try:
+        for record in reader:
+            if None in record or None in record.values():
+                width = len(reader.fieldnames or ())
+                found = width + len(record.get(None) or ()) - sum(value is None for value in record.values())
+                raise DatasetError(f"{path} line {reader.reader.line_num}: a record has {found} field(s) but the "
+                                   f"header has {width}; {_CORRUPT}")
+            records.append(record)
+    except csv.Error as error:
+        raise DatasetError(f"{path} line {reader.reader.line_num}: not valid CSV ({error}); {_CORRUPT}") from None
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[Record]:
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON may hold U+2028
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                                       f"{_CORRUPT}") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+                           f"{_CORRUPT}") from None
+    if not isinstance(records, list):
+        raise DatasetError(f"{path}: expected a JSON array of records, found a JSON {type(records).__name__}")
+    return records
+
+
 def _read_file(path: Path) -> list[Record]:
-    """Records of one local file, by extension; files are opened read-only."""
+    """Records of one local file, by extension; files are opened read-only.
+
+    Whatever is wrong with the file (unreadable, not UTF-8, cut short, not a list of records, empty) is one
+    line naming it and where, never a traceback from the parser.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot be read ({error.strerror or error})") from None
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        return json.load(f)
+        records = _read_csv(path, _decode(path, raw, "utf-8-sig"))
+    else:
+        records = _read_json(path, _decode(path, raw, "utf-8"))
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path} record {number}: expected an object of named fields, found a "
+                               f"{type(record).__name__}")
+    if not records:
+        raise DatasetError(f"{path}: holds no records (an empty file, or one cut short before its first record)")
+    return records
+
+
+def _check_columns(spec: DatasetSpec, index: int, path: Path, records: list[Record]) -> None:
+    """Every record of a local file has the columns its dataset needs; the first one without is named."""
+    if not spec.columns:
+        return
+    required = spec.columns[index]
+    for number, record in enumerate(records, 1):
+        missing = [column for column in required if column not in record]
+        if missing:
+            where = f"{path}" if path.suffix == ".csv" else f"{path} record {number}"
+            raise MissingColumn(
+                f"{where}: missing column {missing[0]!r} (dataset '{spec.name}' needs {', '.join(required)}; "
+                f"found {_columns_text(record)})"
+            )
 
 
 def _missing_message(spec: DatasetSpec, root: Path | None, rel: str | None, hub_note: str) -> str:
@@ -406,7 +522,11 @@ def _records(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> tuple[dic
     root = resolve_data_dir(data_dir)
     missing = next((rel for rel in spec.files if root is None or not (root / rel).is_file()), None)
     if spec.files and missing is None:
-        return {rel: _read_file(root / rel) for rel in spec.files}, False
+        by_file = {}
+        for index, rel in enumerate(spec.files):
+            by_file[rel] = _read_file(root / rel)
+            _check_columns(spec, index, root / rel, by_file[rel])
+        return by_file, False
     return _hub_records(spec, root, missing), True
 
 
@@ -432,6 +552,11 @@ def _rows(spec: DatasetSpec, data_dir: str | os.PathLike | None, row_fn: RowFn |
                 problem = _row_problem(row) if row is not None else None
             except BadRow as error:
                 row, problem = None, str(error)
+            except MissingColumn as error:  # hub copies are not column-checked up front
+                raise MissingColumn(f"{origin} record {index + 1}: {error}") from None
+            except KeyError as error:
+                raise MissingColumn(f"{origin} record {index + 1}: no column {error.args[0]!r} "
+                                    f"(its columns: {_columns_text(record)})") from None
             if problem is None:
                 if row is not None:
                     rows.append(row)
@@ -704,9 +829,12 @@ def _check_count(n: Any, available: int, what: str) -> int:
     return n
 
 
-def subsample(rows: Sequence[T], n: int, seed: int) -> list[T]:
-    """`n` rows drawn without replacement, kept in their original order (stable under re-sorting)."""
-    n = _check_count(n, len(rows), "subsample")
+def subsample(rows: Sequence[T], n: int, seed: int, what: str = "subsample") -> list[T]:
+    """`n` rows drawn without replacement, kept in their original order (stable under re-sorting).
+
+    `what` names the count in an error, e.g. the config field it came from (`eval.xstest.safe`).
+    """
+    n = _check_count(n, len(rows), what)
     picked = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in picked]
 
@@ -728,7 +856,7 @@ def harmful_mix(
         if n is None:
             prompts.extend(rows)
             continue
-        n = _check_count(n, len(rows), f"harmful source '{source}'")
+        n = _check_count(n, len(rows), f"harmful source '{source}' (data.harmful.sources)")
         picked = sorted(random.Random(f"{seed}:{source}").sample(range(len(rows)), n))
         prompts.extend(rows[i] for i in picked)
     if not prompts:
@@ -736,12 +864,15 @@ def harmful_mix(
     return prompts
 
 
-def split(rows: Sequence[T], sizes: tuple[int, ...], seed: int) -> tuple[list[T], ...]:
-    """Seeded shuffle, then consecutive cuts of `sizes` (Study B: (1425, 75, 100)); leftovers are dropped."""
+def split(rows: Sequence[T], sizes: tuple[int, ...], seed: int, what: str = "split sizes") -> tuple[list[T], ...]:
+    """Seeded shuffle, then consecutive cuts of `sizes` (Study B: (1425, 75, 100)); leftovers are dropped.
+
+    `what` names the sizes in an error, e.g. the config fields they came from.
+    """
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes):
-        raise DatasetError(f"split sizes must be non-negative integers, got {tuple(sizes)}")
+        raise DatasetError(f"{what} must be non-negative integers, got {tuple(sizes)}")
     if sum(sizes) > len(rows):
-        raise DatasetError(f"split sizes {tuple(sizes)} sum to {sum(sizes)} but there are only {len(rows)} rows")
+        raise DatasetError(f"{what} {tuple(sizes)} sum to {sum(sizes)} but there are only {len(rows)} rows")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     parts, start = [], 0
@@ -785,8 +916,13 @@ def _manifest(root: Path) -> dict[str, str]:
         return {}
     key = _stat_key(path)
     if key not in _MANIFEST_CACHE:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        _MANIFEST_CACHE[key] = {f["path"]: f["sha256"] for entry in entries for f in entry.get("files", [])}
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            _MANIFEST_CACHE[key] = {f["path"]: f["sha256"] for entry in entries for f in entry.get("files", [])}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # UnicodeDecodeError is a ValueError
+            reason = " ".join(str(error).split())[:120]
+            raise DatasetError(f"{path}: not a valid manifest ({type(error).__name__}: {reason}); "
+                               f"{_CORRUPT}") from None
     return _MANIFEST_CACHE[key]
 
 

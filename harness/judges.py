@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from harness.config import SORRY_BENCH_JUDGE
 from harness.errors import HarnessError
 
 _log = logging.getLogger(__name__)
@@ -41,6 +42,21 @@ _log = logging.getLogger(__name__)
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "harm_judge.txt"
 FULFILMENT_TEMPLATE = TEMPLATES_DIR / "fulfilment_judge.txt"
+SORRY_BENCH_TEMPLATE = TEMPLATES_DIR / "sorry_bench_judge.txt"
+
+
+def judge_template(name: str, model: str | None, template: str | Path | None = None) -> Path:
+    """The template a judge of this name and model is prompted with: the configured one, else its default.
+
+    SORRY-Bench's judge was fine-tuned on its own prompt, so it gets that prompt; any other fulfilment model gets
+    the harness's fulfilment rubric, and the `llm` judge the harm rubric. A run (`pipeline.build_judge`) and
+    `harness check` both ask here, so the template checked is the template used.
+    """
+    if template is not None:
+        return Path(template)
+    if name == "fulfilment":
+        return SORRY_BENCH_TEMPLATE if model == SORRY_BENCH_JUDGE else FULFILMENT_TEMPLATE
+    return DEFAULT_TEMPLATE
 
 
 @dataclass(frozen=True)

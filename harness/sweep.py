@@ -37,7 +37,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from harness.config import ExperimentConfig, Format, Strict, _one_line, config_hash, parse_config, read_yaml
+from harness.config import (
+    ExperimentConfig, Float, Format, Int, Strict, _one_line, config_hash, parse_config, read_yaml, safe_name,
+)
 from harness.errors import HarnessError
 
 OBJECTIVES = ("asr", "sbert")
@@ -49,9 +51,9 @@ FIXED_TRAIN_FIELDS = ("train.methods", "train.quantize_4bit")  # set by the swee
 class ParamRange(Strict):
     """One searched parameter: a numeric range, or a list of choices."""
 
-    low: float | None = None
+    low: Float | None = None
     """Smallest value (with `high`)."""
-    high: float | None = None
+    high: Float | None = None
     """Largest value (with `low`)."""
     log: bool = False
     """Sample on a log scale (learning rates)."""
@@ -82,9 +84,9 @@ class SweepConfig(Strict):
     """The training format (Table 2: prose); must be in data.formats."""
     sampler: Literal["tpe", "nsga2", "gp", "grid"] = "tpe"
     """Optuna sampler: 'tpe', 'nsga2', 'gp', or 'grid' (exactly the values in `grid`)."""
-    seed: int = 0
+    seed: Int = 0
     """Sampler seed (every worker uses it, so a grid is handed out in the same order everywhere)."""
-    n_trials: int | None = Field(None, ge=1)
+    n_trials: Int | None = Field(None, ge=1)
     """Trials in the study across all workers; default: the grid's size, else 20."""
     grid: dict[str, list[float | int | str | bool]] | None = None
     """For sampler 'grid': parameter path -> values, e.g. {train.learning_rate: [5.0e-5, 1.0e-4]}."""
@@ -100,18 +102,24 @@ class SweepConfig(Strict):
     storage: str | None = None
     """Optuna storage URL; default SQLite `optuna.db` beside the MLflow store. Several machines: postgresql://..."""
     study_name: str | None = None
-    """Optuna study name; default the experiment's `name`."""
-    heartbeat_interval: int = Field(60, ge=1)
+    """Optuna study name; default the experiment's `name`. It names a folder under output_dir, so letters, digits,
+    '.', '_' and '-' only, starting with a letter or digit."""
+    heartbeat_interval: Int = Field(60, ge=1)
     """Seconds between a running trial's heartbeats."""
-    grace_period: int | None = Field(None, ge=1)
+    grace_period: Int | None = Field(None, ge=1)
     """Seconds without a heartbeat after which a trial's worker counts as dead; default 2 x heartbeat_interval."""
-    max_retry: int = Field(2, ge=0)
+    max_retry: Int = Field(2, ge=0)
     """How often a trial whose worker died (or was interrupted) is retried with the same parameters."""
-    workers: int = Field(1, ge=1)
+    workers: Int = Field(1, ge=1)
     """Worker processes this command starts on this machine (`--workers` overrides)."""
-    startup_trials: int | None = Field(None, ge=0)
+    startup_trials: Int | None = Field(None, ge=0)
     """For 'tpe' and 'gp': how many completed trials before the sampler models the front (Optuna's default 10,
     drawn at random). Continuing a grid study, its points count: 5 after a 5-point grid means no random trials."""
+
+    @field_validator("study_name")
+    @classmethod
+    def _safe_study_name(cls, name: str | None) -> str | None:
+        return None if name is None else safe_name(name, "study name")
 
     @field_validator("grid", mode="before")
     @classmethod

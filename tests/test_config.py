@@ -1,9 +1,11 @@
 """The experiment config: paper defaults, one-line errors that name the bad field, shipped YAMLs resolve."""
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from harness.config import ExperimentConfig, config_hash, load_config, parse_config
 from harness.errors import HarnessError
@@ -30,15 +32,35 @@ def test_defaults_are_study_b_table_3():
     assert cfg.eval.judges[0].name == "keyword"
 
 
-def test_every_field_has_a_docstring():
-    def walk(model_cls, path=""):
-        for name, info in model_cls.model_fields.items():
-            assert info.description, f"{path}{name} has no docstring"
-            annotation = info.annotation
-            if isinstance(annotation, type) and issubclass(annotation, ExperimentConfig.__mro__[1]):
-                walk(annotation, f"{path}{name}.")
+def nested_models(annotation) -> typing.Iterator[type[BaseModel]]:
+    """The config models inside a field's type, however wrapped: X, list[X], X | None, dict[str, X], Annotated[X, ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from nested_models(arg)
 
-    walk(ExperimentConfig)
+
+def walk_fields(model_cls, path=""):
+    """(dotted path, FieldInfo) of every field of `model_cls` and of every model nested in it, at any depth."""
+    for name, info in model_cls.model_fields.items():
+        yield f"{path}{name}", info
+        for nested in nested_models(info.annotation):
+            yield from walk_fields(nested, f"{path}{name}.")
+
+
+def test_every_field_has_a_docstring():
+    from harness.sweep import SweepConfig
+
+    visited = set()
+    for root in (ExperimentConfig, SweepConfig):
+        for path, info in walk_fields(root):
+            visited.add(path)
+            assert info.description, f"{path} has no docstring"
+    # the walk reaches models behind lists, optionals and dict values, not just plain nested sections
+    for path in ("eval.decoding.temperature", "eval.judges.threshold", "eval.xstest.safe", "eval.toxicity.backend",
+                 "data.finetune.selfgen.decoding.top_p", "space.low"):
+        assert path in visited, path
 
 
 @pytest.mark.parametrize(

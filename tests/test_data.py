@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -325,3 +326,138 @@ def test_loading_everything_leaves_the_data_dir_untouched():
             data.checksums(spec.name, DATA_DIR)
     data.load_procedures(DATA_DIR)
     assert snapshot() == before
+
+
+# --- corrupt copies: one line naming the file (issue 19) ---------------------------------------
+
+
+def test_default_harmful_mix_fits_the_local_data():
+    """The default mix (no `data.harmful` in the config) draws Study B's 1,320 prompts from what exists locally."""
+    from harness.config import HarmfulConfig
+
+    sources = HarmfulConfig().sources
+    mix = data.harmful_mix(sources, seed=0, data_dir=DATA_DIR)
+    assert len(mix) == sum(sources.values()) == 1320
+    for name, count in sources.items():
+        assert count <= len(data.load_harmful(name, DATA_DIR)), name
+
+
+def _cut_inside_last_record(raw: bytes, back: int) -> bytes:
+    """The file cut `back` bytes before its end: inside the last record, as an interrupted copy leaves it."""
+    assert raw.endswith(b"\n") and back < len(raw.rstrip(b"\n").rsplit(b"\n", 1)[1])
+    return raw[: len(raw) - back]
+
+
+# (dataset, file, loader, corruption): every loader kind (CSV quoted and unquoted, JSON array, JSONL).
+CORRUPTIONS = [
+    ("advbench", "advbench/harmful_behaviors.csv", "csv, cut inside a quoted field",
+     lambda raw: _cut_inside_last_record(raw, 10), ("not valid CSV",)),
+    ("directharm4", "directharm4/directHarm4.csv", "csv, cut before the last field",
+     lambda raw: _cut_inside_last_record(raw, 20), ("line 401", "1 field(s) but the header has 2")),
+    ("alpaca", "alpaca_random9k/random_9k.json", "json, cut in the middle",
+     lambda raw: raw[: len(raw) // 2], ("not valid JSON",)),
+    ("qi2024_safety_removed", "qi2024_safety_removed/databricks-dolly-15k-safety-only.jsonl", "jsonl, cut in a record",
+     lambda raw: _cut_inside_last_record(raw, 200), ("line 387", "not valid JSON")),
+]
+NOT_UTF8 = [(name, rel, kind.split(",")[0] + ", a byte that is not UTF-8",
+             lambda raw: raw[: len(raw) // 2] + b"\xff" + raw[len(raw) // 2 + 1 :], ("not UTF-8",))
+            for name, rel, kind, _, _ in CORRUPTIONS]
+
+
+def _load(name: str, root: Path):
+    """A dataset through the loader its kind uses in a run."""
+    spec = data.DATASETS[name]
+    if spec.kind == "harmful":
+        return data.load_harmful(name, root)
+    if spec.kind == "procedures":
+        return data.load_procedures(root, name)
+    if spec.kind == "judge_validation":
+        return [data.load_judge_set(s.name, root) for s in data.JUDGE_SETS.values() if s.dataset == name]
+    return data.load_finetune(name, root, bad_rows="drop")
+
+
+@pytest.mark.parametrize(("name", "rel", "kind", "corrupt", "needles"), CORRUPTIONS + NOT_UTF8,
+                         ids=[c[2] for c in CORRUPTIONS + NOT_UTF8])
+def test_corrupt_file_is_one_line_naming_it(tmp_path, name, rel, kind, corrupt, needles):
+    root = copy_dataset(name, tmp_path, with_manifest=False)
+    assert _load(name, root)  # the intact copy loads
+    path = root / rel
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(DatasetError) as exc:
+        _load(name, root)
+    assert_one_line(exc, str(path), *needles)
+
+
+# The column each registered dataset's first file is copied without; every entry with local files is listed.
+DROPPED_COLUMN = {
+    "advbench": "goal", "beavertails_eval": "prompt", "directharm4": "Goal", "xstest": "label", "wikihow": "result",
+    "dolly15k": "response", "alpaca": "output", "qi2024_safety_removed": "context", "beavertails_30k_test": "input",
+    "pku_saferlhf_test2k": "output", "xstest_resp_wildguard": "output", "gptfuzz_labeled_responses": "Response",
+    "xstest_completions_human": "final_label",
+}
+
+
+def test_every_local_dataset_has_a_dropped_column_case():
+    assert set(DROPPED_COLUMN) == {name for name, spec in data.DATASETS.items() if spec.files}
+
+
+def _drop_column(path: Path, column: str) -> None:
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields, records = [c for c in reader.fieldnames if c != column], list(reader)
+        assert len(fields) < len(reader.fieldnames), (path, column)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        assert all(record.pop(column, None) is not None for record in records), (path, column)
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    else:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        assert all(record.pop(column, None) is not None for record in records), (path, column)
+        path.write_text(json.dumps(records), encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(DROPPED_COLUMN))
+def test_missing_column_is_one_line_naming_file_and_column(tmp_path, name):
+    root = copy_dataset(name, tmp_path, with_manifest=False)
+    path = root / data.DATASETS[name].files[0]
+    _drop_column(path, DROPPED_COLUMN[name])
+    with pytest.raises(DatasetError) as exc:
+        _load(name, root)
+    assert_one_line(exc, str(path), f"missing column '{DROPPED_COLUMN[name]}'")
+    with pytest.raises(DatasetError) as exc:  # raw records (judge sets, checks) are column-checked too
+        data.load_records(name, root)
+    assert_one_line(exc, str(path), f"missing column '{DROPPED_COLUMN[name]}'")
+
+
+def test_xstest_without_its_label_column_selects_nothing_silently_no_more(tmp_path):
+    """`.get("label")` made every row 'not unsafe': XSTest without labels was an empty set, not an error."""
+    root = copy_dataset("xstest", tmp_path, with_manifest=False)
+    _drop_column(root / "xstest/xstest_prompts.csv", "label")
+    for label in ("safe", "unsafe"):
+        with pytest.raises(DatasetError, match="missing column 'label'"):
+            data.xstest_prompts(label, root)
+
+
+def test_corrupt_file_through_the_config_data_dir_and_the_environment(tmp_path, monkeypatch):
+    """Both ways a run finds a data copy: `data.data_dir` in the config, and $HARNESS_DATA_DIR."""
+    from harness.config import parse_config
+    from harness.pipeline import prepare_data
+
+    root = tmp_path / "data"
+    for name in ("wikihow", "advbench", "beavertails_eval", "directharm4", "xstest"):
+        copy_dataset(name, root)
+    broken = root / "xstest/xstest_prompts.csv"
+    broken.write_bytes(broken.read_bytes()[:100] + b"\xe9" + broken.read_bytes()[101:])
+    small = {"harmful": {"sources": {"advbench": 5}}}
+    with pytest.raises(DatasetError) as exc:
+        prepare_data(parse_config({"name": "x", "model": "m", "data": {"data_dir": str(root), **small}}))
+    assert_one_line(exc, str(broken), "not UTF-8")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(root))
+    with pytest.raises(DatasetError) as exc:
+        prepare_data(parse_config({"name": "x", "model": "m", "data": small}))
+    assert_one_line(exc, str(broken), "not UTF-8")

