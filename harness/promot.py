@@ -32,6 +32,7 @@ from harness.data import FinetuneRow
 from harness.errors import HarnessError
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
+from harness.seeding import seed_everything
 from harness.sft import MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
 
@@ -287,7 +288,7 @@ def train_stage1(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     run.set_tags(cuda_numerics(model))
-    torch.manual_seed(seed)
+    seed_everything(seed)
     init = initial_prompt(model, tokenizer, cfg.prompt_length, cfg.init, cfg.init_text, seed)
     wrapped = SoftPromptedLM(model, init, trainable=True)
     s1 = cfg.stage1
@@ -333,6 +334,9 @@ def train_stage2(
     run.set_tags(cuda_numerics(model))
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # get_peft_model draws `lora_A` from the global RNG, and the Trainer seeds only later: without this the
+    # adapter depended on what the process ran before (a rerun that reuses stage 1 trained another one).
+    seed_everything(seed)
     peft_model = get_peft_model(model, lora_config(cfg))
     wrapped = SoftPromptedLM(peft_model, prompt.embeddings, trainable=False)
     args = _arguments(

@@ -36,6 +36,7 @@ from harness.fast_training import (
     merge_accumulation,
 )
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
+from harness.seeding import seed_everything
 from tracking import RunHandle
 
 
@@ -166,6 +167,8 @@ def train_sft(
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
+        # The trainer creates the LoRA adapter (random `lora_A`): seeded here, not left to TRL (issue 19).
+        seed_everything(seed)
         trainer = ClassLossSFTTrainer(
             model=model,
             args=args,
