@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from harness.config import ExperimentConfig, JudgeConfig, load_config, parse_config
 from harness.errors import HarnessError
 from harness.sweep import SweepConfig, load_sweep
+from test_config import nested_models
 
 BASE = {"name": "x", "model": "m"}
 SWEEP = {"name": "unit-sweep", "model": "m", "data": {"formats": ["prose"]},
@@ -134,14 +135,6 @@ def test_yaml_numbers_still_parse():
     cfg = parse_config({**BASE, "seeds": [0, 1], "train": {"batch_size": 4, "epochs": 2.0, "learning_rate": 1},
                         "data": {"harmful": {"sources": {"advbench": 3, "directharm4": None}}}})
     assert (cfg.seeds, cfg.train.batch_size, cfg.train.epochs, cfg.train.learning_rate) == ([0, 1], 4, 2, 1.0)
-
-
-def nested_models(annotation) -> typing.Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-        return
-    for arg in typing.get_args(annotation):
-        yield from nested_models(arg)
 
 
 def all_models() -> list[type[BaseModel]]:
