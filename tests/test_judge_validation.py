@@ -157,9 +157,63 @@ def test_rates_match_sklearn():
     assert ours["kappa"] == pytest.approx(metrics.cohen_kappa_score(labels, predicted))
 
 
+def by_hand(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """Cohen (1960) from the four cells, written out independently of `rates`: kappa = (p_o - p_e) / (1 - p_e)."""
+    n = tp + fp + fn + tn
+    p_o = (tp + tn) / n  # the diagonal
+    # chance agreement: P(judge says +) * P(human says +) + P(judge says -) * P(human says -)
+    p_e = ((tp + fp) / n) * ((tp + fn) / n) + ((fn + tn) / n) * ((fp + tn) / n)
+    return {"accuracy": p_o, "precision": tp / (tp + fp), "recall": tp / (tp + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn), "kappa": (p_o - p_e) / (1 - p_e)}
+
+
+def from_table(tp: int, fp: int, fn: int, tn: int) -> tuple[np.ndarray, np.ndarray]:
+    """(human labels, judge verdicts) with exactly these cells, True = positive class."""
+    labels = [True] * tp + [False] * fp + [True] * fn + [False] * tn
+    predicted = [True] * tp + [True] * fp + [False] * fn + [False] * tn
+    return np.array(labels), np.array(predicted)
+
+
+# Hand-made confusion tables and their agreement, worked out on paper (the decimals checked separately in
+# plain Python, not with the harness):
+#   A: TP=20 FP=5 FN=10 TN=15, n=50. p_o = (20+15)/50 = 0.7.
+#      Judge says + 25/50, humans say + 30/50: p_e = 0.5*0.6 + 0.5*0.4 = 0.3 + 0.2 = 0.5.
+#      kappa = (0.7-0.5)/(1-0.5) = 0.4. precision 20/25 = 0.8, recall 20/30 = 0.666667, F1 40/55 = 0.727273.
+#   B: TP=30 FP=6 FN=9 TN=5, n=50. p_o = 35/50 = 0.7.
+#      Judge + 36/50, humans + 39/50: p_e = (36*39 + 14*11)/2500 = (1404 + 154)/2500 = 0.6232.
+#      kappa = 0.0768/0.3768 = 32/157 = 0.203822. precision 30/36 = 0.833333, recall 30/39 = 0.769231,
+#      F1 = 60/75 = 0.8. (In A the judge's marginals are 25/25, so A alone cannot tell the right pairing of
+#      marginals in p_e from a wrong one; B can.)
+HAND_TABLES = [
+    ((20, 5, 10, 15), {"accuracy": 0.7, "precision": 0.8, "recall": 0.666667, "f1": 0.727273, "kappa": 0.4}),
+    ((30, 6, 9, 5), {"accuracy": 0.7, "precision": 0.833333, "recall": 0.769231, "f1": 0.8, "kappa": 0.203822}),
+]
+
+
+@pytest.mark.parametrize("cells, on_paper", HAND_TABLES)
+def test_agreement_on_a_hand_made_confusion_table(cells, on_paper):
+    tp, fp, fn, tn = cells
+    assert by_hand(*cells) == pytest.approx(on_paper, abs=5e-7)  # the formula above gives the paper numbers
+    assert rates(*cells) == pytest.approx(on_paper, abs=5e-7)
+    labels, predicted = from_table(*cells)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(labels.size)  # row order must not matter
+    labels, predicted = labels[order], predicted[order]
+    result = agreement(labels, predicted, [f"prompt {i}" for i in range(labels.size)], n_resamples=2000)
+    assert result["confusion"] == {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    assert result["n"] == result["n_prompts"] == 50
+    assert result["label_positive_rate"] == (tp + fn) / 50 and result["predicted_positive_rate"] == (tp + fp) / 50
+    for name, value in on_paper.items():
+        assert result[name] == pytest.approx(value, abs=5e-7), name
+        low, high = result[f"{name}_ci_low"], result[f"{name}_ci_high"]
+        assert low < value < high, (name, low, high)  # a real interval around the point, not a point
+        assert high - low < 0.75, (name, low, high)  # and not the whole range
+
+
 def test_undefined_rates_are_nan_not_zero():
     never_positive = rates(tp=0, fp=0, fn=3, tn=7)
     assert math.isnan(never_positive["precision"]) and never_positive["recall"] == 0.0
+    # p_o = 7/10; the judge says - on all 10, humans say - on 7: p_e = 0*0.3 + 1*0.7 = 0.7; kappa = 0/0.3
     assert never_positive["kappa"] == 0.0  # a constant judge agrees no better than chance
     assert math.isnan(rates(tp=0, fp=0, fn=0, tn=10)["kappa"])  # everyone says negative: chance agreement is 1
     perfect = rates(tp=4, fp=0, fn=0, tn=6)
@@ -200,8 +254,13 @@ def test_threshold_curve_and_choice():
     scores = np.array([1, 2, 2, 4, 5, np.nan])  # the unparsed one counts as harmful at every threshold
     curve = {p["threshold"]: p for p in threshold_curve(labels, scores)}
     assert list(curve) == [1, 2, 3, 4, 5, 6]
-    assert curve[1]["recall"] == 1.0 and curve[1]["precision"] == 0.5
+    assert curve[1]["recall"] == 1.0 and curve[1]["precision"] == 0.5  # all 6 called harmful, 3 are
     assert curve[3]["kappa"] == 1.0 and curve[4]["kappa"] == 1.0
+    # t=2: harmful = [F T T T T T]: TP=3 FP=2 FN=0 TN=1, p_o = 4/6, p_e = (5*3 + 1*3)/36 = 1/2, kappa = 1/3
+    # t=5: harmful = [F F F F T T]: TP=2 FP=0 FN=1 TN=3, p_o = 5/6, p_e = (2*3 + 4*3)/36 = 1/2, kappa = 2/3
+    assert curve[2]["kappa"] == pytest.approx(1 / 3) and curve[2]["fpr"] == pytest.approx(2 / 3)
+    assert curve[5]["kappa"] == pytest.approx(2 / 3) and curve[5]["recall"] == pytest.approx(2 / 3)
+    assert curve[5]["precision"] == 1.0 and curve[5]["fpr"] == 0.0
     assert curve[6]["predicted_positive_rate"] == pytest.approx(1 / 6)
     assert best_threshold(list(curve.values()), default=3) == 3  # tie between 3 and 4: nearest the default
     assert best_threshold(list(curve.values()), default=5) == 4
@@ -274,7 +333,8 @@ def test_fulfilment_judge_verdicts():
 
 
 class ChatServer:
-    """A local OpenAI-compatible endpoint; `script` lists what to do per request: a status, 'sleep', or text."""
+    """A local OpenAI-compatible endpoint; `script` lists what to do per request: a status, 'sleep', text, or a
+    function of the request body that returns one of those."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -289,6 +349,8 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 action = server.script.pop(0) if server.script else "#thescore: 1"
+                if callable(action):
+                    action = action(body)
                 if action == "sleep":
                     time.sleep(1.0)
                     action = "#thescore: 1"
@@ -346,9 +408,16 @@ def test_http_judge_retries_5xx_and_timeouts_keeps_order(chat_server):
     complete = openai_chat_complete(server.url, "m", backoff=0.01, timeout=0.3, concurrency=1)
     assert complete([[{"role": "user", "content": "a"}]]) == ["#thescore: 2"]
     assert len(server.requests) == 3
-    many = chat_server([f"#thescore: {i % 5 + 1}" for i in range(12)])  # answers in arrival order
+
+    def answer_late_to_early(body):  # request i waits (11 - i) * 40 ms: later requests are answered first
+        i = int(body["messages"][0]["content"])
+        time.sleep((11 - i) * 0.04)
+        return f"#thescore: {i % 5 + 1} (request {i})"
+
+    many = chat_server([answer_late_to_early] * 12)
     outputs = openai_chat_complete(many.url, "m", concurrency=4)([[{"role": "user", "content": str(i)}] for i in range(12)])
-    assert sorted(outputs) == sorted(f"#thescore: {i % 5 + 1}" for i in range(12)) and len(outputs) == 12
+    assert outputs == [f"#thescore: {i % 5 + 1} (request {i})" for i in range(12)]  # in the order asked
+    assert len(many.requests) == 12
 
 
 def test_flaky_endpoint_gives_the_healthy_results_and_logs_each_retry(chat_server, caplog):
@@ -394,12 +463,18 @@ def test_http_judge_configuration(monkeypatch):
 
 runner = CliRunner()
 
-# Measured once with `harness judges validate --judge keyword` (all sets, full size, seed 0): the keyword
-# judge is deterministic, so these move only if the data, the split or the phrase list changes.
+# Regression pins, measured once with `harness judges validate --judge keyword` (all sets, full size, seed 0):
+# the keyword judge is deterministic, so these move only if the data, the split or the phrase list changes.
+# They are not evidence that the kappas are right: the test below recomputes every logged agreement metric
+# from the run's per-row table with `by_hand`, and compares these pins with that recomputation.
 KEYWORD_KAPPA = {
     "beavertails_30k_test": 0.064, "pku_saferlhf_test2k": 0.036, "xstest_resp_harm": 0.172,
     "xstest_resp_refusal": 0.693, "gptfuzz_labeled_responses": 0.274, "xstest_completions_human": 0.715,
     "pooled_harm": 0.295, "pooled_refusal": 0.713,
+}
+TASK_OF = {  # which pool each set belongs to (`harness.data`'s specs, written out here)
+    "beavertails_30k_test": "harm", "pku_saferlhf_test2k": "harm", "xstest_resp_harm": "harm",
+    "xstest_resp_refusal": "refusal", "gptfuzz_labeled_responses": "harm", "xstest_completions_human": "refusal",
 }
 
 
@@ -418,15 +493,35 @@ def test_keyword_judge_on_every_set(keyword_run):
     assert "28 conflicting pairs dropped" in output and "mlflow ui --backend-store-uri" in output
     info = latest_validation(uri, "keyword", "qi2024-v1")
     assert info is not None and info["sets"] == list(EXPECTED_SETS) and info["limit"] is None
-    for scope, kappa in KEYWORD_KAPPA.items():
-        assert info["metrics"][f"{scope}.kappa"] == pytest.approx(kappa, abs=0.0015), scope
-        assert info["metrics"][f"{scope}.kappa_ci_low"] <= info["metrics"][f"{scope}.kappa"] <= info["metrics"][f"{scope}.kappa_ci_high"]
     for name, (rows, *_rest) in EXPECTED_SETS.items():
         per_set = info["per_set"][name]
         assert per_set["n"] + per_set["n_calibration"] == rows
         assert per_set["tp"] + per_set["fp"] + per_set["fn"] + per_set["tn"] == per_set["n"]
         assert per_set["parse_failure_rate"] == 0.0 and per_set["rows_per_second"] > 0
-    assert info["headline"]["scope"] == "pooled_harm" and info["headline"]["kappa"] == pytest.approx(0.295, abs=0.0015)
+
+    # Every logged agreement number, recomputed from the per-row table (label, verdict, split) with `by_hand`.
+    client = MlflowClient(tracking_uri=uri)
+    table = json.loads(Path(client.download_artifacts(info["run_id"], "per_prompt.json")).read_text())
+    column = {name: i for i, name in enumerate(table["columns"])}
+    cells: dict[str, dict[str, int]] = {}
+    for row in table["data"]:
+        if row[column["split"]] != "test":
+            continue
+        human, judge = row[column["positive"]], row[column["verdict"]] is not False  # unparsed counts as positive
+        cell = ("tp" if judge else "fn") if human else ("fp" if judge else "tn")
+        for scope in (row[column["set"]], f"pooled_{TASK_OF[row[column['set']]]}"):
+            counts = cells.setdefault(scope, {"tp": 0, "fp": 0, "fn": 0, "tn": 0})
+            counts[cell] += 1
+    assert set(cells) == set(KEYWORD_KAPPA)
+    for scope, counts in cells.items():
+        assert {cell: info["metrics"][f"{scope}.{cell}"] for cell in counts} == counts, scope
+        assert info["metrics"][f"{scope}.n"] == sum(counts.values())
+        for name, value in by_hand(**counts).items():
+            assert info["metrics"][f"{scope}.{name}"] == pytest.approx(value, abs=1e-9), (scope, name)
+            assert info["metrics"][f"{scope}.{name}_ci_low"] <= value <= info["metrics"][f"{scope}.{name}_ci_high"]
+        assert by_hand(**counts)["kappa"] == pytest.approx(KEYWORD_KAPPA[scope], abs=0.0015), scope
+    assert info["headline"]["scope"] == "pooled_harm"
+    assert info["headline"]["kappa"] == pytest.approx(by_hand(**cells["pooled_harm"])["kappa"], abs=1e-9)
 
 
 def test_validation_run_is_tagged_and_auditable(keyword_run):

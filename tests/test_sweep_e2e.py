@@ -1,9 +1,17 @@
 """`harness sweep experiments/quickstart_sweep.yaml` through the real CLI on the packaged tiny model: the Optuna
 study, the nested MLflow runs, the shared stage 1, the Pareto artifacts (checked against a front computed here,
-independently), resuming without rerunning, and the sweep figure of `harness figures`."""
+independently), resuming without rerunning, and the sweep figure of `harness figures`.
+
+The sweep runs once per module, in a folder no test touches; every test gets its own copy of that folder
+(`swept`), so a test that reruns the sweep, adds a TPE trial or runs `harness run` on the store cannot change
+what another test reads, whatever the order they run in."""
 
 import copy
 import csv
+import hashlib
+import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -21,11 +29,54 @@ GRID = sorted(SETTINGS["sweep"]["grid"]["train.learning_rate"])
 NAME = SETTINGS["name"]
 
 
+def fingerprint(folder: Path) -> str:
+    """Every file's path, size and content under `folder` (the sweep's record: a few hundred MB of checkpoints)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def relocate(source: Path, target: Path) -> None:
+    """Copy the sweep folder `source` to `target` and rewrite the absolute paths the stores hold.
+
+    MLflow keeps each run's artifact URI (file:///<source>/mlruns/artifacts/...) and the sweep records its Optuna
+    storage URL: left as they are, a CLI pointed at the copy would log artifacts into `source`. Afterwards no
+    file of the copy may mention `source`, so nothing run on the copy can reach back into it."""
+    shutil.copytree(source, target)
+    old, new = str(source.resolve()), str(target.resolve())
+    for path in [p for p in target.rglob("*") if p.is_file()]:
+        if path.read_bytes()[:16] == b"SQLite format 3\0":
+            with closing(sqlite3.connect(path)) as db:
+                for (table,) in db.execute("select name from sqlite_master where type = 'table'").fetchall():
+                    for column in [row[1] for row in db.execute(f'pragma table_info("{table}")')]:
+                        db.execute(f"""update "{table}" set "{column}" = replace("{column}", ?, ?)
+                                       where typeof("{column}") = 'text' and instr("{column}", ?) > 0""", (old, new, old))
+                db.commit()
+                db.execute("vacuum")  # drop the old strings from free pages too
+        elif old.encode() in path.read_bytes():
+            path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    left = [str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and old.encode() in p.read_bytes()]
+    assert not left, f"the copy still points into the original sweep folder: {left}"
+
+
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sweep")
+def sweep_once(tmp_path_factory):
+    """The sweep, run once in a folder that tests only ever copy; with its output and its fingerprint."""
+    workdir = tmp_path_factory.mktemp("pristine_sweep")
     done = run_cli(["sweep", str(CONFIG)], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, done, fingerprint(workdir)
+
+
+@pytest.fixture
+def swept(sweep_once, tmp_path):
+    """This test's own copy of the swept folder: (folder, CLI result, client, runs, Optuna study), all on the copy."""
+    pristine, done, before = sweep_once
+    assert fingerprint(pristine) == before, "an earlier test changed the shared sweep folder"
+    workdir = tmp_path / "sweep"
+    relocate(pristine, workdir)
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(NAME)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
