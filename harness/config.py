@@ -88,10 +88,16 @@ def safe_name(name: str, what: str = "name") -> str:
     return name
 
 
-def _unique(values: list, what: str) -> list:
-    """`values` if it is non-empty and has no repeats, else a ValueError naming the repeated one."""
+def _some(values: list, what: str) -> list:
+    """`values` if it is non-empty, else a ValueError asking for at least one `what`."""
     if not values:
         raise ValueError(f"give at least one {what}")
+    return values
+
+
+def _unique(values: list, what: str) -> list:
+    """`values` if it is non-empty and has no repeats, else a ValueError naming the repeated one."""
+    _some(values, what)
     repeated = sorted({repr(value) for value in values if values.count(value) > 1})
     if repeated:
         raise ValueError(f"each {what} once: {', '.join(repeated)} repeated")
@@ -390,16 +396,12 @@ class EvalConfig(Strict):
     @field_validator("decoding")
     @classmethod
     def _some_decoding(cls, decoding: list[DecodingConfig]) -> list[DecodingConfig]:
-        if not decoding:
-            raise ValueError("give at least one decoding setting")
-        return decoding
+        return _some(decoding, "decoding setting")
 
     @field_validator("judges")
     @classmethod
     def _some_judge(cls, judges: list[JudgeConfig]) -> list[JudgeConfig]:
-        if not judges:
-            raise ValueError("give at least one judge (e.g. {name: keyword})")
-        return judges
+        return _some(judges, "judge (e.g. {name: keyword})")
 
 
 class TrackingConfig(Strict):

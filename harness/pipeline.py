@@ -66,7 +66,8 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         return prepare_instruction_data(cfg)
     d = cfg.data
     procedures = data.load_procedures(d.data_dir, bad_rows=d.bad_rows)
-    train, val, test = data.split(procedures, (d.train_size, d.val_size, d.test_size), seed=d.split_seed)
+    train, val, test = data.split(procedures, (d.train_size, d.val_size, d.test_size), seed=d.split_seed,
+                                  what="data.train_size, val_size, test_size")
     rows = {
         part_name: {fmt: formats.build_task_rows(part, fmt) for fmt in d.formats}
         for part_name, part in (("train", train), ("val", val), ("test", test))
@@ -98,7 +99,9 @@ def harmful_and_xstest(cfg: ExperimentConfig) -> tuple[list, dict[str, list]]:
         for label, count in (("safe", cfg.eval.xstest.safe), ("unsafe", cfg.eval.xstest.unsafe)):
             if count != 0:
                 prompts = data.xstest_prompts(label, d.data_dir, bad_rows=d.bad_rows)
-                xstest[label] = prompts if count is None else data.subsample(prompts, count, seed=cfg.eval.xstest.seed)
+                if count is not None:
+                    prompts = data.subsample(prompts, count, seed=cfg.eval.xstest.seed, what=f"eval.xstest.{label}")
+                xstest[label] = prompts
     return harmful, xstest
 
 

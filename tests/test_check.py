@@ -174,7 +174,10 @@ CASES = {
     "more prompts than a source has": (lambda tmp_path: {"data": {"harmful": {"sources": {"directharm4": 401}}}},
                                        ("harmful source 'directharm4' (data.harmful.sources): asked for 401 rows but only 400",)),
     "task split larger than the data": (lambda tmp_path: {"data": {"train_size": 2901}},
-                                        ("split sizes (2901, 75, 100) sum to 3076 but there are only 3000 rows",)),
+                                        ("data.train_size, val_size, test_size (2901, 75, 100) sum to 3076 but "
+                                         "there are only 3000 rows",)),
+    "more XSTest prompts than it has": (lambda tmp_path: {"eval": {"xstest": {"safe": 251}}},
+                                        ("eval.xstest.safe: asked for 251 rows but only 250 are available",)),
 }
 
 
