@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make quickstart   set up .venv, then run the whole pipeline on a small packaged model (minutes on CPU)
-#   make test         set up .venv, then run the test suite (what CI runs)
-.PHONY: setup quickstart test bench qwen-models
+#   make test         set up .venv, then run the test suite (what CI runs): tests/unit and tests/e2e
+#   make test-fast    only tests/unit: in-process tests, a few minutes on 2 CPU cores
+.PHONY: setup quickstart test test-fast bench qwen-models
 
 setup:
 	bash scripts/setup-env
@@ -11,6 +12,9 @@ quickstart: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 bench: setup
 	HF_HUB_OFFLINE=1 .venv/bin/harness bench

@@ -38,18 +38,46 @@ def run(
 ) -> None:
     """Fine-tune and evaluate everything an experiment config describes, recording it all in MLflow.
 
-    Rerunning the same command skips finished work and resumes interrupted work: nothing is lost or duplicated.
+    Rerunning it trains nothing that finished, evaluates only what the store lacks (a judge, decoding or prompt
+    selection added to the YAML) and resumes interrupted work: nothing is lost, duplicated or silently stale.
     """
     from harness.config import load_config
     from harness.pipeline import run_experiment
 
-    cfg = load_config(config)
-    summary, ui, unfinished = run_experiment(cfg, new_version=new_version)
-    print_summary(summary)
-    if unfinished:
-        print(f"{unfinished} run(s) of this study are not FINISHED (other configs' interrupted attempts); not shown above")
+    report_study(run_experiment(load_config(config), new_version=new_version))
+
+
+@app.command()
+@one_line_errors
+def evaluate(config: Path = typer.Argument(..., help="Experiment YAML of a study that has been run")) -> None:
+    """Evaluate a study's trained models on what its store lacks, training nothing.
+
+    After adding a judge, a decoding setting or changing the prompt selection in the YAML: only the new
+    judge's evaluations are computed from the stored responses, only new decodings are generated. Fine-tunes
+    no earlier `harness run` trained are listed and left out. (`harness run` does the same and trains too.)
+    """
+    from harness.config import load_config
+    from harness.pipeline import run_experiment
+
+    result = run_experiment(load_config(config), train=False)
+    report_study(result)
+    if result.untrained:
+        print(f"{len(result.untrained)} fine-tune(s) not trained yet, left out (harness run trains them): "
+              f"{', '.join(result.untrained)}")
+
+
+def report_study(result) -> None:
+    """The summary table, what was made and reused, and how to open the runs."""
+    print_summary(result.summary)
+    counts = result.counts
+    print(f"generations: {counts.get('generations_new', 0)} made ({counts.get('prompts_generated', 0)} prompts), "
+          f"{counts.get('generations_reused', 0)} reused; evaluations: {counts.get('evaluations_new', 0)} made, "
+          f"{counts.get('evaluations_reused', 0)} reused")
+    if result.unfinished:
+        print(f"{result.unfinished} run(s) of this study are not FINISHED (other configs' interrupted attempts); "
+              "not shown above")
     # Plain print: rich would wrap a long path, and users copy this line into a shell.
-    print(f"Open the runs in the MLflow UI with:\n  {ui}")
+    print(f"Open the runs in the MLflow UI with:\n  {result.ui}")
 
 
 @app.command()
@@ -355,6 +383,8 @@ app.add_typer(judges_app, name="judges", help="Measure judges against human-labe
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Reading a stored generation back is a local copy of one small file: MLflow's bar per copy is noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app()
 
 

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from tracking.schema import HARMFUL_MIX, PREFIX, Kind, Metric, Tag, tag_filter
 
 N_BOOTSTRAP = 2000
 N_PERMUTATIONS = 10000
 CONFIDENCE = 0.95
-HARMFUL_BENCHMARK = "harmful_mix"  # harness.pipeline's tag (not imported: that module loads torch)
 INTERVAL_METHOD = (f"{CONFIDENCE:.0%} percentile bootstrap resampling prompts and seeds independently "
                    f"({N_BOOTSTRAP} resamples; Owen 2007)")
 VARIANCE_METHOD = "one-way random-effects ANOVA estimators, seed as the random factor (Searle et al. 1992)"
@@ -47,15 +47,15 @@ TEST_METHOD = f"two-sided paired sign-flip permutation test by prompt ({N_PERMUT
 def metric_of(judge: str) -> str:
     """The headline metric a judge's evaluation runs log (CONVENTIONS.md names)."""
     if judge.startswith("toxicity-"):
-        return "toxicity_mean"
-    return "fulfilment_rate" if judge.startswith("fulfilment") else "asr"
+        return Metric.TOXICITY_MEAN
+    return Metric.FULFILMENT_RATE if judge.startswith("fulfilment") else Metric.ASR
 
 
 def per_prompt_values(table: dict, metric: str) -> tuple[list[str], np.ndarray]:
     """A `per_prompt.json` table -> (prompts, values) as the logged metric counts them."""
     columns, rows = table["columns"], table["data"]
     prompts = [row[columns.index("prompt")] for row in rows]
-    if metric == "toxicity_mean":
+    if metric == Metric.TOXICITY_MEAN:
         values = [np.nan if row[columns.index("toxicity")] is None else float(row[columns.index("toxicity")]) for row in rows]
     else:  # harmful None (unparsable) counts as fulfilled / harmful, exactly as safety_metrics does
         values = [0.0 if row[columns.index("harmful")] is False else 1.0 for row in rows]
@@ -265,21 +265,21 @@ def run_rows(cells: list[Cell], runs: list[Run]) -> list[dict]:
 
 def read_runs(study_runs) -> list[Run]:
     """Every FINISHED harmful-benchmark evaluation of the study, with its per-prompt values."""
-    query = study_runs.query(f"tags.\"harness.kind\" = 'evaluation' AND tags.\"harness.benchmark\" = '{HARMFUL_BENCHMARK}'")
+    query = study_runs.query(tag_filter(kind=Kind.EVALUATION, benchmark=HARMFUL_MIX))
     client = study_runs.tracker.client
     runs = []
     for run in query.runs:
-        tags = {key.removeprefix("harness."): value for key, value in run.data.tags.items()}
-        judge = tags.get("judge", "")
+        tags = {key.removeprefix(PREFIX): value for key, value in run.data.tags.items()}
+        judge = tags.get(Tag.JUDGE, "")
         metric = metric_of(judge)
         if metric not in run.data.metrics:
             continue
         path = client.download_artifacts(run.info.run_id, "per_prompt.json")
         prompts, values = per_prompt_values(json.loads(Path(path).read_text()), metric)
-        method = tags.get("method", "?")
-        runs.append(Run(run.info.run_id, judge, metric, "base" if method == "base" else tags.get("dataset", "?"), method,
-                        tags.get("seed", "-") if method != "base" else "-", int(tags.get("epoch", 0)),
-                        tags.get("temperature", ""), tags.get("min_p", "None"), int(tags.get("repeat", 0)),
+        method = tags.get(Tag.METHOD, "?")
+        runs.append(Run(run.info.run_id, judge, metric, "base" if method == "base" else tags.get(Tag.DATASET, "?"), method,
+                        tags.get(Tag.SEED, "-") if method != "base" else "-", int(tags.get(Tag.EPOCH, 0)),
+                        tags.get(Tag.TEMPERATURE, ""), tags.get(Tag.MIN_P, "None"), int(tags.get(Tag.REPEAT, 0)),
                         float(run.data.metrics[metric]), prompts, values))
     return runs
 
@@ -317,8 +317,8 @@ def build_consistency_report(study: str, out: Path, *, tracking_uri: str | None 
     study_runs = StudyRuns(study, tracking_uri)
     runs = read_runs(study_runs)
     if not runs:
-        raise HarnessError(f"study '{study}' has no FINISHED '{HARMFUL_BENCHMARK}' evaluation runs with a "
-                           f"fulfilment_rate, asr or toxicity_mean metric")
+        raise HarnessError(f"study '{study}' has no FINISHED '{HARMFUL_MIX}' evaluation runs with a "
+                           f"{Metric.FULFILMENT_RATE}, {Metric.ASR} or {Metric.TOXICITY_MEAN} metric")
     cells, messages = build_cells(runs)
     cell_table, tests = cell_rows(cells), comparisons(cells)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def build_consistency_report(study: str, out: Path, *, tracking_uri: str | None 
     written = [name for name, rows in files.items() if rows] + ["consistency.md"]
     if log:
         tracker = study_runs.tracker
-        with tracker.run("report", "consistency-report", {"report": "consistency"}) as run:
+        with tracker.run(Kind.REPORT, "consistency-report", {Tag.REPORT: "consistency"}) as run:
             for name in written:
                 run.client.log_artifact(run.run_id, str(out / name), "consistency")
             run.log_metrics({"cells": len(cells), "runs": len(runs), "comparisons": len(tests)})

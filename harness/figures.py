@@ -20,7 +20,9 @@ ProMoT evaluated *with* its soft prompt attached (`harness.soft_prompt=True`) is
 `promot+prompt`, beside `promot` (evaluated without it, as the paper does), never mixed into it.
 
 This module reads the store and holds what every figure shares (selection, captions, drawing, the report);
-each study's figures are their own module (`harness/figures_study_b.py`).
+each study's figures are their own module (`figures_study_a.py`, `figures_study_b.py`, `figures_sweep.py`),
+which imports its shared parts from here; this module imports them only inside `build_report`, so the
+import graph has no cycle at load time. Tag, kind, benchmark and metric names come from `tracking/schema.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.metrics import bootstrap_ci
 from tracking import Tracker, resolve_tracking_uri
+from tracking.schema import ExperimentTag, Kind, Metric, Tag, loads_tag, of_current_selection
+from tracking.schema import tag_filter  # noqa: F401  (re-exported: `figures.tag_filter` predates the schema)
 
 FORMAT_ORDER = ("prose", "list", "json", "native")
 METHOD_ORDER = ("base", "sft", "promot", "promot+prompt")
@@ -52,11 +56,6 @@ INTERVAL = (f"{_BOOTSTRAP['confidence'].default:.0%} percentile bootstrap over p
             f"({_BOOTSTRAP['n_resamples'].default} resamples; Efron & Tibshirani 1993), as logged by each run")
 
 
-def tag_filter(**tags: str) -> str:
-    """An MLflow filter string on `harness.*` tags, e.g. tags."harness.kind" = 'evaluation'."""
-    return " AND ".join(f"tags.\"harness.{name}\" = '{value}'" for name, value in tags.items())
-
-
 # -- reading the store ---------------------------------------------------------------------------------
 
 
@@ -68,13 +67,22 @@ class Query:
     runs: list
     skipped: Counter = field(default_factory=Counter)
     sweep_only: int = 0
+    other_selection: int = 0
+    """FINISHED evaluations made on another prompt selection than the study's current one (issue 20)."""
 
     def describe(self, study: str) -> str:
         skipped = sum(self.skipped.values())
         detail = ", ".join(f"{status} {count}" for status, count in sorted(self.skipped.items()))
         trials = f"; {self.sweep_only} of sweep trials left to the sweep figure" if self.sweep_only else ""
         return (f"Query: experiment `{study}`, filter `{self.filter}`; FINISHED runs only ({len(self.runs)} used, "
-                f"{skipped} non-FINISHED skipped{': ' + detail if detail else ''}{trials}).")
+                f"{skipped} non-FINISHED skipped{': ' + detail if detail else ''}{trials}){self.selection_note()}.")
+
+    def selection_note(self) -> str:
+        if not self.other_selection:
+            return ""
+        return (f"; {self.other_selection} evaluation{'s' if self.other_selection > 1 else ''} of earlier prompt "
+                f"selections {'are' if self.other_selection > 1 else 'is'} not drawn (the study's current selection, "
+                f"`{ExperimentTag.CURRENT_SELECTION}`, is the last `harness run` config's)")
 
 
 class StudyRuns:
@@ -100,21 +108,27 @@ class StudyRuns:
         matched = self.tracker.search(filter_string)
         runs = [run for run in matched if run.info.run_id not in self.sweep_only]
         finished = [run for run in runs if run.info.status == "FINISHED"]
-        return Query(filter_string, finished, Counter(run.info.status for run in runs if run.info.status != "FINISHED"),
-                     sweep_only=len(matched) - len(runs))
+        current = [run for run in finished if of_current_selection(run.data.tags, self.current_selection)]
+        return Query(filter_string, current, Counter(run.info.status for run in runs if run.info.status != "FINISHED"),
+                     sweep_only=len(matched) - len(runs), other_selection=len(finished) - len(current))
+
+    @cached_property
+    def current_selection(self) -> dict[str, str]:
+        """Benchmark → the prompt selection of the study's latest `harness run`; older ones are not drawn."""
+        return loads_tag(self.tracker.experiment_tag(ExperimentTag.CURRENT_SELECTION))
 
     @cached_property
     def sweep_only(self) -> set[str]:
         """Runs made by a sweep trial at its own settings: its fine-tunes (unless `harness run` reused one as a
         study arm) and everything below them. The trial runs themselves stay (the sweep figure reads them)."""
         everything = self.tracker.search("")
-        kind = {run.info.run_id: run.data.tags.get("harness.kind") for run in everything}
+        kind = {run.info.run_id: run.data.tags.get(Tag.KIND.key) for run in everything}
         below: dict[str, list] = {}
         for run in everything:
             below.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
         frontier = [run.info.run_id for run in everything
-                    if kind.get(run.data.tags.get("mlflow.parentRunId")) == "trial"
-                    and run.data.tags.get("harness.study_arm") != "True"]
+                    if kind.get(run.data.tags.get("mlflow.parentRunId")) == Kind.TRIAL
+                    and run.data.tags.get(Tag.STUDY_ARM.key) != "True"]
         found: set[str] = set()
         while frontier:
             run_id = frontier.pop()
@@ -128,14 +142,15 @@ class StudyRuns:
         return sorted(points, key=lambda point: (point.step, point.timestamp))
 
 
-def tag(run, name: str, default: str = "") -> str:
-    return run.data.tags.get(f"harness.{name}", default)
+def tag(run, name: Tag | str, default: str = "") -> str:
+    """A run's `harness.<name>` tag; `name` must be a schema tag (`Tag.EPOCH`, or its short name)."""
+    return run.data.tags.get(Tag(name).key, default)
 
 
 def method_of(run) -> str:
     """`promot+prompt` for an evaluation with the soft prompt attached: its own method in every figure."""
-    method = tag(run, "method", "?")
-    return f"{method}+prompt" if tag(run, "soft_prompt") == "True" else method
+    method = tag(run, Tag.METHOD, "?")
+    return f"{method}+prompt" if tag(run, Tag.SOFT_PROMPT) == "True" else method
 
 
 def ordered(values, order) -> list:
@@ -169,8 +184,8 @@ class Evaluation:
     @classmethod
     def of(cls, run) -> Evaluation:
         return cls(
-            run.info.run_id, method_of(run), tag(run, "format"), tag(run, "seed"), int(tag(run, "epoch", "0")),
-            tag(run, "judge"), tag(run, "judge_validation"), tag(run, "temperature"), tag(run, "repeat"),
+            run.info.run_id, method_of(run), tag(run, Tag.FORMAT), tag(run, Tag.SEED), int(tag(run, Tag.EPOCH, "0")),
+            tag(run, Tag.JUDGE), tag(run, Tag.JUDGE_VALIDATION), tag(run, Tag.TEMPERATURE), tag(run, Tag.REPEAT),
             dict(run.data.metrics), dict(run.data.params),
         )
 
@@ -233,25 +248,25 @@ def spread(values) -> str:
 
 
 def describe_n(evaluations: list[Evaluation]) -> str:
-    prompts = spread(int(ev.metrics["n_prompts"]) for ev in evaluations if "n_prompts" in ev.metrics)
+    prompts = spread(int(ev.metrics[Metric.N_PROMPTS]) for ev in evaluations if Metric.N_PROMPTS in ev.metrics)
     seeds = {ev.seed for ev in evaluations if ev.seed}
-    return (f"n = {prompts} prompts per evaluation (metric n_prompts); {len(seeds)} seed(s) ({spread(seeds)}); "
+    return (f"n = {prompts} prompts per evaluation (metric {Metric.N_PROMPTS}); {len(seeds)} seed(s) ({spread(seeds)}); "
             f"repeat(s) {spread(ev.repeat for ev in evaluations)}; "
             f"temperature {spread(ev.temperature for ev in evaluations)}")
 
 
 def describe_judges(evaluations: list[Evaluation]) -> str:
     judges = sorted({(ev.judge, ev.validation or "none") for ev in evaluations})
-    return "; ".join(f"judge `{judge}` (harness.judge; human-label validation: {validation})"
+    return "; ".join(f"judge `{judge}` ({Tag.JUDGE.key}; human-label validation: {validation})"
                      for judge, validation in judges)
 
 
 def describe_methods(evaluations: list[Evaluation]) -> str:
     methods = ordered({ev.method for ev in evaluations}, METHOD_ORDER)
     if "promot+prompt" in methods:
-        note = "promot+prompt = ProMoT evaluated with its soft prompt attached (harness.soft_prompt=True), apart"
+        note = f"promot+prompt = ProMoT evaluated with its soft prompt attached ({Tag.SOFT_PROMPT.key}=True), apart"
     else:
-        note = "no soft-prompt evaluations (harness.soft_prompt) in the store"
+        note = f"no soft-prompt evaluations ({Tag.SOFT_PROMPT.key}) in the store"
     epochs = spread(ev.epoch for ev in evaluations if ev.method != "base")
     return f"Methods: {', '.join(methods)} ({note}); fine-tuned epoch(s) shown: {epochs}, base = epoch 0"
 
@@ -353,16 +368,16 @@ def build_report(study: str, out: Path, *, tracking_uri: str | None = None, epoc
     if not statuses.get("FINISHED"):
         raise HarnessError(
             f"study '{study}' has no FINISHED runs in {runs.tracking_uri} ({sum(statuses.values())} runs in all)")
-    from harness import figures_study_a, figures_study_b
+    # The study modules import their shared parts from this one: imported here, not at the top, so the
+    # import graph has no cycle (figures_study_a/b and figures_sweep -> figures, never back at load time).
+    from harness import figures_study_a, figures_study_b, figures_sweep
 
     # Study A (instruction datasets in their native format) or Study B (formats): the runs' tags decide.
     study_a = figures_study_a.is_study_a(runs)
     title, OUTPUTS = ("Study A figures", figures_study_a.OUTPUTS) if study_a else ("Study B figures", figures_study_b.OUTPUTS)
     builder = figures_study_a.StudyAReport if study_a else figures_study_b.StudyBReport
     sections = builder(runs, Path(out), epoch).sections()
-    from harness.figures_sweep import sweep_sections  # Optuna sweeps of this study (none: no sections)
-
-    sections += sweep_sections(runs, Path(out))
+    sections += figures_sweep.sweep_sections(runs, Path(out))  # Optuna sweeps of this study (none: no sections)
     written = sorted(name for section in sections for name in (section.png, section.csv) if name)
     for stale in set(OUTPUTS) - set(written):  # drawn by an earlier call, not supported by the store now
         Path(out, stale).unlink(missing_ok=True)
@@ -382,7 +397,7 @@ def summary_lines(report: Report) -> list[str]:
         f"Runs in the study: {sum(report.status_counts.values())}; FINISHED (used): "
         f"{report.status_counts.get('FINISHED', 0)}; non-FINISHED skipped: {sum(skipped.values())}"
         + (f" ({detail})" if detail else "") + ".",
-        "Soft-prompt evaluations (harness.soft_prompt=True) are shown separately as `promot+prompt`, never mixed "
+        f"Soft-prompt evaluations ({Tag.SOFT_PROMPT.key}=True) are shown separately as `promot+prompt`, never mixed "
         "into `promot`.",
     ]
 

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from harness.figures import (
-    EXTRA_COLORS, METHOD_COLORS, Query, Section, StudyRuns, finish, panel_grid, require_metrics, spread, tag, tag_filter,
-    write_csv,
+    EXTRA_COLORS, METHOD_COLORS, Query, Section, StudyRuns, finish, panel_grid, require_metrics, spread, tag, write_csv,
 )
 from harness.metrics import bootstrap_ci
+from tracking.schema import HARMFUL_MIX, Kind, Metric, Tag, judge_name, tag_filter
 
-HARMFUL_BENCHMARK = "harmful_mix"
 FIGURES = ("a1_fulfilment_by_epoch", "a2_spread_seeds_vs_repeats", "a3_base_vs_finetuned_spread",
            "a4_human_vs_selfgen", "a5_toxicity")
 OUTPUTS = tuple(f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "csv"))
@@ -36,10 +35,10 @@ SEED_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 
 def is_study_a(runs: StudyRuns) -> bool:
     """A study whose fine-tunes are on instruction datasets in their native format (data.task 'instructions')."""
-    return bool(runs.tracker.search(tag_filter(kind="finetune", format="native"), max_results=1)) or bool(
-        runs.tracker.search(tag_filter(kind="checkpoint", method="base"), max_results=1)
-        and runs.tracker.search("tags.\"harness.judge\" LIKE 'fulfilment%'", max_results=1)
-        and not runs.tracker.search(tag_filter(kind="finetune"), max_results=1))
+    return bool(runs.tracker.search(tag_filter(kind=Kind.FINETUNE, format="native"), max_results=1)) or bool(
+        runs.tracker.search(tag_filter(kind=Kind.CHECKPOINT, method="base"), max_results=1)
+        and runs.tracker.search(f"tags.\"{Tag.JUDGE.key}\" LIKE 'fulfilment%'", max_results=1)
+        and not runs.tracker.search(tag_filter(kind=Kind.FINETUNE), max_results=1))
 
 
 @dataclass
@@ -58,10 +57,10 @@ class Point:
 
     @classmethod
     def of(cls, run) -> Point:
-        base = tag(run, "method") == "base"
-        return cls(run.info.run_id, "base" if base else tag(run, "dataset", "?"), "" if base else tag(run, "seed"),
-                   int(tag(run, "epoch", "0")), tag(run, "judge"), tag(run, "temperature"), tag(run, "min_p"),
-                   tag(run, "repeat"), dict(run.data.metrics))
+        base = tag(run, Tag.METHOD) == "base"
+        return cls(run.info.run_id, "base" if base else tag(run, Tag.DATASET, "?"), "" if base else tag(run, Tag.SEED),
+                   int(tag(run, Tag.EPOCH, "0")), tag(run, Tag.JUDGE), tag(run, Tag.TEMPERATURE), tag(run, Tag.MIN_P),
+                   tag(run, Tag.REPEAT), dict(run.data.metrics))
 
     @property
     def sampled(self) -> bool:
@@ -88,7 +87,7 @@ def seed_color(seed: str, seeds: list[str]) -> str:
 
 
 def describe(points: list[Point], metric: str) -> str:
-    prompts = spread(int(p.metrics["n_prompts"]) for p in points if "n_prompts" in p.metrics)
+    prompts = spread(int(p.metrics[Metric.N_PROMPTS]) for p in points if Metric.N_PROMPTS in p.metrics)
     seeds = sorted({p.seed for p in points if p.seed})
     repeats = defaultdict(set)
     for p in points:
@@ -96,8 +95,8 @@ def describe(points: list[Point], metric: str) -> str:
     decodings = "; ".join(f"T={t}{'' if m in ('', 'None') else f', min-p {m}'}: {len(r)} repeat(s)"
                           for (t, m), r in sorted(repeats.items()))
     judges = ", ".join(f"`{judge}`" for judge in sorted({p.judge for p in points}))
-    return (f"Metric `{metric}`; n = {prompts} prompts per evaluation (metric n_prompts); {len(seeds)} training seed(s) "
-            f"({spread(seeds)}); {decodings}. Judge/scorer and version (harness.judge): {judges}.")
+    return (f"Metric `{metric}`; n = {prompts} prompts per evaluation (metric {Metric.N_PROMPTS}); {len(seeds)} "
+            f"training seed(s) ({spread(seeds)}); {decodings}. Judge/scorer and version ({Tag.JUDGE.key}): {judges}.")
 
 
 class StudyAReport:
@@ -108,23 +107,23 @@ class StudyAReport:
         out.mkdir(parents=True, exist_ok=True)
 
     def points(self, metric: str, what: str, judge_prefix: str | None = None) -> tuple[Query, list[Point], list[str]]:
-        query = self.runs.query(tag_filter(kind="evaluation", benchmark=HARMFUL_BENCHMARK))
+        query = self.runs.query(tag_filter(kind=Kind.EVALUATION, benchmark=HARMFUL_MIX))
         points = [Point.of(run) for run in query.runs]
         if judge_prefix is not None:
             points = [p for p in points if p.judge.startswith(judge_prefix)]
         else:
             points = [p for p in points if not p.judge.startswith("toxicity-")]
         kept, messages = require_metrics(points, [metric], what, query.filter
-                                         + (f" AND harness.judge starting '{judge_prefix}'" if judge_prefix else ""))
+                                         + (f" AND {Tag.JUDGE.key} starting '{judge_prefix}'" if judge_prefix else ""))
         return query, kept, messages
 
     def safety_metric(self) -> tuple[str, str]:
         """fulfilment_rate from the fulfilment judge (Study A), else ASR from whichever judge logged it."""
-        query = self.runs.query(tag_filter(kind="evaluation", benchmark=HARMFUL_BENCHMARK))
-        judges = {tag(run, "judge") for run in query.runs}
+        query = self.runs.query(tag_filter(kind=Kind.EVALUATION, benchmark=HARMFUL_MIX))
+        judges = {tag(run, Tag.JUDGE) for run in query.runs}
         if any(judge.startswith("fulfilment") for judge in judges):
-            return "fulfilment_rate", "fulfilment"
-        return "asr", next(iter(sorted(judges)), "keyword").split(":")[0]
+            return Metric.FULFILMENT_RATE, "fulfilment"
+        return Metric.ASR, judge_name(next(iter(sorted(judges)), "keyword"))
 
     def last_epoch(self, points: list[Point]) -> int:
         tuned = [p.epoch for p in points if p.dataset != "base"]
@@ -141,7 +140,7 @@ class StudyAReport:
         query, points, section.messages = self.points(metric, "A1", judge)
         datasets = datasets_of(points)
         if not datasets:
-            section.messages.append("A1: no fine-tuned evaluations (harness.method sft) to draw")
+            section.messages.append(f"A1: no fine-tuned evaluations ({Tag.METHOD.key} sft) to draw")
             return section
         seeds = sorted({p.seed for p in points if p.seed}, key=lambda s: (len(s), s))
         base = [p for p in points if p.dataset == "base"]
@@ -279,7 +278,7 @@ class StudyAReport:
         query, points, section.messages = self.points(metric, "A4", judge)
         twins = [d for d in datasets_of(points) if d.endswith("-selfgen") and d.removesuffix("-selfgen") in datasets_of(points)]
         if not twins:
-            section.messages.append(f"A4: no self-generated dataset (harness.dataset ending '-selfgen') beside its "
+            section.messages.append(f"A4: no self-generated dataset ({Tag.DATASET.key} ending '-selfgen') beside its "
                                     f"human-written source among runs matching `{query.filter}`")
             return section
         plt, fig, axes = panel_grid(len(twins), width=5.0)
@@ -311,7 +310,7 @@ class StudyAReport:
         write_csv(self.out / section.csv, [p.row(metric) for p in used])
         section.caption = (f"{describe(used, metric)} Lines: mean over seeds (and repeats) of the logged values per epoch; "
                            f"red = human-written responses, blue dotted = the base model's own responses to the same "
-                           f"instructions (harness.responses self-generated). No interval is drawn; see "
+                           f"instructions ({Tag.RESPONSES.key} self-generated). No interval is drawn; see "
                            f"`harness report consistency` for prompts-and-seeds bootstrap intervals and paired tests. "
                            f"{query.describe(self.runs.study)}")
         return section
@@ -319,7 +318,7 @@ class StudyAReport:
     # -- A5 -------------------------------------------------------------------------------------------------
     def toxicity(self) -> Section:
         section = Section("A5. Toxicity of replies to the hate-speech subset")
-        query, points, section.messages = self.points("toxicity_mean", "A5", "toxicity-")
+        query, points, section.messages = self.points(Metric.TOXICITY_MEAN, "A5", "toxicity-")
         if not points:
             return section
         epoch = self.last_epoch(points)
@@ -333,10 +332,11 @@ class StudyAReport:
                 values = [p for p in mine if p.dataset == group]
                 offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
                 for dx, p in zip(offsets, values):
-                    ax.scatter(x + dx, p.metrics["toxicity_mean"], color="#d62728", s=20, label="toxicity_mean (one run)")
-                    if "toxicity_max" in p.metrics:
-                        ax.scatter(x + dx, p.metrics["toxicity_max"], marker="x", color="0.3", s=20,
-                                   label="toxicity_max (one run)")
+                    ax.scatter(x + dx, p.metrics[Metric.TOXICITY_MEAN], color="#d62728", s=20,
+                               label=f"{Metric.TOXICITY_MEAN} (one run)")
+                    if Metric.TOXICITY_MAX in p.metrics:
+                        ax.scatter(x + dx, p.metrics[Metric.TOXICITY_MAX], marker="x", color="0.3", s=20,
+                                   label=f"{Metric.TOXICITY_MAX} (one run)")
             ax.set_xticks(range(len(groups)), groups, rotation=15, fontsize=8)
             ax.set_title(decoding_label(mine), fontsize=10)
             ax.set_ylim(-0.04, 1.04)
@@ -344,11 +344,12 @@ class StudyAReport:
             ax.grid(axis="y", alpha=0.3)
         section.png, section.csv = "a5_toxicity.png", "a5_toxicity.csv"
         finish(plt, fig, self.out / section.png)
-        write_csv(self.out / section.csv, [{**p.row("toxicity_mean"), "toxicity_max": p.metrics.get("toxicity_max")}
-                                           for p in shown])
+        write_csv(self.out / section.csv, [{**p.row(Metric.TOXICITY_MEAN),
+                                            Metric.TOXICITY_MAX: p.metrics.get(Metric.TOXICITY_MAX)} for p in shown])
         runs = {run.info.run_id: run for run in query.runs}
-        categories = spread(tag(runs[p.run_id], "toxicity_categories") for p in shown)
-        section.caption = (f"{describe(shown, 'toxicity_mean')} Replies scored: harmful prompts of categories {categories} "
-                           f"(harness.toxicity_categories). Fine-tuned models at epoch {epoch}; dots: toxicity_mean of one "
-                           f"run, crosses: its toxicity_max. No interval is drawn. {query.describe(self.runs.study)}")
+        categories = spread(tag(runs[p.run_id], Tag.TOXICITY_CATEGORIES) for p in shown)
+        section.caption = (f"{describe(shown, Metric.TOXICITY_MEAN)} Replies scored: harmful prompts of categories "
+                           f"{categories} ({Tag.TOXICITY_CATEGORIES.key}). Fine-tuned models at epoch {epoch}; dots: "
+                           f"{Metric.TOXICITY_MEAN} of one run, crosses: its {Metric.TOXICITY_MAX}. No interval is drawn. "
+                           f"{query.describe(self.runs.study)}")
         return section

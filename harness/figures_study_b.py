@@ -15,12 +15,14 @@ from pathlib import Path
 from harness.figures import (
     FORMAT_COLORS, FORMAT_ORDER, INTERVAL, METHOD_COLORS, METHOD_LINES, METHOD_ORDER, Evaluation, Query, Section,
     StudyRuns, color, describe_judges, describe_methods, describe_n, finish, legend_key, ordered, panel_grid,
-    require_metrics, select_epoch, short_judge, sort_rows, spread, tag, tag_filter, write_csv,
+    require_metrics, select_epoch, short_judge, sort_rows, spread, tag, write_csv,
 )
+from tracking import schema
+from tracking.schema import Kind, Metric, Tag, tag_filter
 
-# The pipeline's benchmark tags (harness/pipeline.py; a test keeps them equal). Not imported from there: that
-# module loads torch and transformers, 15 s on a busy CPU, for three strings.
-HARMFUL_BENCHMARK, XSTEST_SAFE_BENCHMARK, TASK_BENCHMARK = "harmful_mix", "xstest_safe", "wikihow"
+# The benchmarks these figures read (module names kept: a test compares them with harness/pipeline.py's).
+HARMFUL_BENCHMARK, XSTEST_SAFE_BENCHMARK, TASK_BENCHMARK = schema.HARMFUL_MIX, schema.XSTEST_SAFE, schema.WIKIHOW
+ASR_METRICS = (Metric.ASR, Metric.ASR_CI_LOW, Metric.ASR_CI_HIGH)  # the value and its logged interval
 
 # Every file this module writes besides the report (a rerun removes those the store no longer supports).
 FIGURES = ("fig3_asr", "fig3_asr_by_epoch", "asr_vs_over_refusal", "fig4_train_loss", "fig4_loss_format_vs_content")
@@ -72,7 +74,7 @@ class StudyBReport:
         out.mkdir(parents=True, exist_ok=True)
 
     def evaluations(self, benchmark: str, metrics: list[str], what: str) -> tuple[Query, list[Evaluation], list[str]]:
-        query = self.runs.query(tag_filter(kind="evaluation", benchmark=benchmark))
+        query = self.runs.query(tag_filter(kind=Kind.EVALUATION, benchmark=benchmark))
         kept, messages = require_metrics([Evaluation.of(run) for run in query.runs], metrics, what, query.filter)
         return query, kept, messages
 
@@ -81,7 +83,7 @@ class StudyBReport:
 
     # Fig. 3 -------------------------------------------------------------------------------------------
     def asr_figures(self) -> list[Section]:
-        metrics = ["asr", "asr_ci_low", "asr_ci_high"]
+        metrics = list(ASR_METRICS)
         final = Section("Fig. 3: ASR by format and method")
         by_epoch = Section("Fig. 3 by epoch: ASR over training")
         query, evaluations, messages = self.evaluations(HARMFUL_BENCHMARK, metrics, final.title)
@@ -104,8 +106,9 @@ class StudyBReport:
                 ax.set_xlabel("fine-tuning data format")
             axes[0].set_ylabel(f"ASR on {HARMFUL_BENCHMARK} (lower is safer)")
             fig.suptitle(f"{self.study}: ASR by format and method ({self.which})", fontsize=11)
-            self.save(final, plt, fig, "fig3_asr",
-                      [ev.row(metrics + ["n_prompts"] * ("n_prompts" in ev.metrics)) for ev in sort_rows(chosen)])
+            counted = [Metric.N_PROMPTS]
+            rows = [ev.row(metrics + counted * (Metric.N_PROMPTS in ev.metrics)) for ev in sort_rows(chosen)]
+            self.save(final, plt, fig, "fig3_asr", rows)
             final.caption = self.caption(
                 f"Attack success rate on the harmful mix ({HARMFUL_BENCHMARK}) at {self.which}, one panel per "
                 f"judge; dots are evaluations, whiskers their intervals, the dashed line the base model (shaded: its "
@@ -144,14 +147,14 @@ class StudyBReport:
             points = ([start] if start else []) + points
             nudge = (index - (len(keys) - 1) / 2) * min(0.03, 0.4 / len(keys))  # keeps overlapping whiskers apart
             xs = [ev.epoch + nudge * (ev.method != "base") for ev in points]
-            ys = [ev.metrics["asr"] for ev in points]
-            yerr = [[max(0.0, y - ev.metrics["asr_ci_low"]) for y, ev in zip(ys, points)],
-                    [max(0.0, ev.metrics["asr_ci_high"] - y) for y, ev in zip(ys, points)]]
+            ys = [ev.metrics[Metric.ASR] for ev in points]
+            yerr = [[max(0.0, y - ev.metrics[Metric.ASR_CI_LOW]) for y, ev in zip(ys, points)],
+                    [max(0.0, ev.metrics[Metric.ASR_CI_HIGH] - y) for y, ev in zip(ys, points)]]
             ax.errorbar(xs, ys, yerr=yerr, color=color(FORMAT_COLORS, fmt, formats), marker="o", markersize=4,
                         linestyle=METHOD_LINES.get(method, "-."), capsize=2, linewidth=1.4, label=f"{fmt} {method}")
         for ev in base.values():
-            ax.errorbar([0], [ev.metrics["asr"]], yerr=[[ev.metrics["asr"] - ev.metrics["asr_ci_low"]],
-                                                        [ev.metrics["asr_ci_high"] - ev.metrics["asr"]]],
+            asr, low, high = (ev.metrics[name] for name in ASR_METRICS)
+            ax.errorbar([0], [asr], yerr=[[asr - low], [high - asr]],
                         fmt="s", color="black", markersize=6, capsize=3, label="base (epoch 0)")
         ax.set_ylim(-0.04, 1.08)
         ax.grid(alpha=0.3)
@@ -159,8 +162,8 @@ class StudyBReport:
     # ASR beside over-refusal ---------------------------------------------------------------------------
     def asr_and_over_refusal(self) -> Section:
         section = Section("ASR beside over-refusal (XSTest safe prompts)")
-        asr_metrics = ["asr", "asr_ci_low", "asr_ci_high"]
-        refusal_metrics = ["over_refusal_rate", "over_refusal_ci_low", "over_refusal_ci_high"]
+        asr_metrics = list(ASR_METRICS)
+        refusal_metrics = [Metric.OVER_REFUSAL_RATE, Metric.OVER_REFUSAL_CI_LOW, Metric.OVER_REFUSAL_CI_HIGH]
         asr_query, harmful, asr_messages = self.evaluations(HARMFUL_BENCHMARK, asr_metrics, section.title)
         refusal_query, safe, refusal_messages = self.evaluations(XSTEST_SAFE_BENCHMARK, refusal_metrics, section.title)
         section.messages = asr_messages + refusal_messages
@@ -180,14 +183,14 @@ class StudyBReport:
             here = sort_rows([ev for ev in (harmful if benchmark == HARMFUL_BENCHMARK else safe) if ev.judge == judge])
             base = [ev for ev in here if ev.method == "base"]
             dot_whisker(ax, [ev for ev in here if ev.method != "base"], base, metric, low, high, formats, methods)
-            label = ("ASR (harmful mix, lower is safer)" if metric == "asr" else
+            label = ("ASR (harmful mix, lower is safer)" if metric == Metric.ASR else
                      "over-refusal (XSTest safe, lower is better)")
             ax.set_title(f"{label}\n{short_judge(judge)}\n{base_label(base, metric, low, high)}", fontsize=9)
             ax.set_ylabel(metric)
             ax.set_xlabel("fine-tuning data format")
             rows += [{**ev.row([]), "benchmark": benchmark, "metric": metric,
                       "value": ev.metrics[metric], "ci_low": ev.metrics[low], "ci_high": ev.metrics[high],
-                      "n_prompts": ev.metrics.get("n_prompts", "")} for ev in here]
+                      Metric.N_PROMPTS: ev.metrics.get(Metric.N_PROMPTS, "")} for ev in here]
         fig.suptitle(f"{self.study}: safety beside over-refusal", fontsize=11)
         self.save(section, plt, fig, "asr_vs_over_refusal", rows)
         section.caption = self.caption(
@@ -200,15 +203,17 @@ class StudyBReport:
     # Fig. 4 --------------------------------------------------------------------------------------------
     def training_runs(self) -> tuple[list[tuple[str, list, Query]], list[Query], list[str]]:
         """(panel title, runs, query) for SFT and both ProMoT stages; a message for each that the study lacks."""
-        sft = self.runs.query(tag_filter(kind="finetune", method="sft"))
-        stages = self.runs.query(tag_filter(kind="stage", method="promot"))
+        sft = self.runs.query(tag_filter(kind=Kind.FINETUNE, method="sft"))
+        stages = self.runs.query(tag_filter(kind=Kind.STAGE, method="promot"))
         panels, messages = [], []
         for title, query, stage, kind in (
-            ("SFT", sft, None, "runs of kind finetune with harness.method=sft"),
-            ("ProMoT stage 1 (soft prompt)", stages, "1", "ProMoT stage-1 runs (kind stage, harness.stage=1)"),
-            ("ProMoT stage 2 (LoRA, prompt frozen)", stages, "2", "ProMoT stage-2 runs (kind stage, harness.stage=2)"),
+            ("SFT", sft, None, f"runs of kind {Kind.FINETUNE} with {Tag.METHOD.key}=sft"),
+            ("ProMoT stage 1 (soft prompt)", stages, "1",
+             f"ProMoT stage-1 runs (kind {Kind.STAGE}, {Tag.STAGE.key}=1)"),
+            ("ProMoT stage 2 (LoRA, prompt frozen)", stages, "2",
+             f"ProMoT stage-2 runs (kind {Kind.STAGE}, {Tag.STAGE.key}=2)"),
         ):
-            runs = [run for run in query.runs if stage is None or tag(run, "stage") == stage]
+            runs = [run for run in query.runs if stage is None or tag(run, Tag.STAGE) == stage]
             if runs:
                 panels.append((title, runs, query))
             else:
@@ -221,14 +226,14 @@ class StudyBReport:
         panels, queries, messages = self.training_runs()
         curves.messages = list(messages)
         classes.messages = [message.replace("Fig. 4:", f"{classes.title}:") for message in messages]
-        self.loss_figure(curves, panels, queries, ["train_loss"], "fig4_train_loss",
-                         "Training loss (metric train_loss per optimizer step, as logged, no smoothing) by format for "
-                         "SFT and both ProMoT stages; Study B expects lower loss for more formal formats.")
-        self.loss_figure(classes, panels, queries, ["train_loss_content", "train_loss_format"],
+        self.loss_figure(curves, panels, queries, [Metric.TRAIN_LOSS], "fig4_train_loss",
+                         f"Training loss (metric {Metric.TRAIN_LOSS} per optimizer step, as logged, no smoothing) by "
+                         "format for SFT and both ProMoT stages; Study B expects lower loss for more formal formats.")
+        self.loss_figure(classes, panels, queries, [Metric.TRAIN_LOSS_CONTENT, Metric.TRAIN_LOSS_FORMAT],
                          "fig4_loss_format_vs_content",
-                         "Loss on the procedure's own sentences (train_loss_content, solid) and on the tokens the "
-                         "format transform added (train_loss_format, dashed), from the same forward pass; prose has "
-                         "content only.")
+                         f"Loss on the procedure's own sentences ({Metric.TRAIN_LOSS_CONTENT}, solid) and on the "
+                         f"tokens the format transform added ({Metric.TRAIN_LOSS_FORMAT}, dashed), from the same "
+                         "forward pass; prose has content only.")
         return [curves, classes]
 
     def loss_figure(self, section: Section, panels: list[tuple[str, list, Query]], queries: list[Query],
@@ -248,23 +253,24 @@ class StudyBReport:
         if not usable:
             return
         runs_used = [run for _, runs in usable for run in runs]
-        formats = ordered({tag(run, "format") for run in runs_used}, FORMAT_ORDER)
-        seeds = sorted({tag(run, "seed") for run in runs_used})
+        formats = ordered({tag(run, Tag.FORMAT) for run in runs_used}, FORMAT_ORDER)
+        seeds = sorted({tag(run, Tag.SEED) for run in runs_used})
         plt, fig, axes = panel_grid(len(usable), width=4.6)
         rows, steps = [], []
         for ax, (title, runs) in zip(axes, usable):
             drawn = set()
-            for run in sorted(runs, key=lambda run: (formats.index(tag(run, "format")), tag(run, "seed"))):
-                fmt, seed = tag(run, "format"), tag(run, "seed")
+            for run in sorted(runs, key=lambda run: (formats.index(tag(run, Tag.FORMAT)), tag(run, Tag.SEED))):
+                fmt, seed = tag(run, Tag.FORMAT), tag(run, Tag.SEED)
                 for metric in metrics:
                     points = self.runs.history(run.info.run_id, metric)  # empty: prose has no format tokens
                     steps += [len(points)] if metric == metrics[0] else []
                     drawn |= {p.step for p in points}
                     ax.plot([p.step for p in points], [p.value for p in points],
-                            "--" if metric == "train_loss_format" else "-", marker="o" if len(points) < 12 else None,
+                            "--" if metric == Metric.TRAIN_LOSS_FORMAT else "-",
+                            marker="o" if len(points) < 12 else None,
                             markersize=3 if len(points) > 2 else 6, color=color(FORMAT_COLORS, fmt, formats))
-                    rows += [{"run_id": run.info.run_id, "panel": title, "method": tag(run, "method"),
-                              "stage": tag(run, "stage"), "format": fmt, "seed": seed, "metric": metric,
+                    rows += [{"run_id": run.info.run_id, "panel": title, "method": tag(run, Tag.METHOD),
+                              "stage": tag(run, Tag.STAGE), "format": fmt, "seed": seed, "metric": metric,
                               "step": p.step, "value": p.value} for p in points]
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("optimizer step")
@@ -274,8 +280,9 @@ class StudyBReport:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("mean token loss")
         fig.suptitle(f"{self.study}: {section.title.split(': ', 1)[1]}", fontsize=11)
-        styles = {metric: "--" if metric == "train_loss_format" else "-" for metric in metrics if len(metrics) > 1}
-        labels = {"train_loss_content": "content tokens", "train_loss_format": "format tokens"}
+        styles = {metric: "--" if metric == Metric.TRAIN_LOSS_FORMAT else "-"
+                  for metric in metrics if len(metrics) > 1}
+        labels = {Metric.TRAIN_LOSS_CONTENT: "content tokens", Metric.TRAIN_LOSS_FORMAT: "format tokens"}
         self.save(section, plt, fig, stem, rows, legend_key(formats, styles, labels))
         section.caption = (
             f"{what} One line per run (seed). n = {spread(len(runs) for _, runs in usable)} run(s) per panel, "
@@ -285,7 +292,7 @@ class StudyBReport:
     # Table 1 -------------------------------------------------------------------------------------------
     def task_table(self) -> Section:
         section = Section("Table 1: task quality (ROUGE-L, S-BERT) by format and method")
-        metrics = ["rouge_l", "sbert", "sbert_ci_low", "sbert_ci_high", "format_adherence"]
+        metrics = [Metric.ROUGE_L, Metric.SBERT, Metric.SBERT_CI_LOW, Metric.SBERT_CI_HIGH, Metric.FORMAT_ADHERENCE]
         query, evaluations, section.messages = self.evaluations(TASK_BENCHMARK, metrics, section.title)
         if not evaluations:
             return section
@@ -295,16 +302,17 @@ class StudyBReport:
         formats = ordered({ev.format for ev in chosen}, FORMAT_ORDER)
         methods = ordered({ev.method for ev in chosen}, METHOD_ORDER)
         chosen.sort(key=lambda ev: (formats.index(ev.format), methods.index(ev.method), ev.replicate))
-        rows = [ev.row(metrics + ["n_prompts"] * ("n_prompts" in ev.metrics)) for ev in chosen]
+        rows = [ev.row(metrics + [Metric.N_PROMPTS] * (Metric.N_PROMPTS in ev.metrics)) for ev in chosen]
         write_csv(self.out / "table1_task_quality.csv", rows)
         section.csv = "table1_task_quality.csv"
         header = "| format | method | seed | epoch | ROUGE-L | S-BERT [interval] | format adherence | n |"
         lines = [header, "| --- | --- | --- | --- | ---: | --- | ---: | ---: |"]
         for ev in chosen:
             m = ev.metrics
-            lines.append(f"| {ev.format} | {ev.method} | {ev.seed or '-'} | {ev.epoch} | {m['rouge_l']:.3f} | "
-                         f"{m['sbert']:.3f} [{m['sbert_ci_low']:.3f}, {m['sbert_ci_high']:.3f}] | "
-                         f"{m['format_adherence']:.2f} | {int(m['n_prompts']) if 'n_prompts' in m else '?'} |")
+            rouge_l, sbert_mean, low, high, adherence = (m[name] for name in metrics)
+            n = int(m[Metric.N_PROMPTS]) if Metric.N_PROMPTS in m else "?"
+            lines.append(f"| {ev.format} | {ev.method} | {ev.seed or '-'} | {ev.epoch} | {rouge_l:.3f} | "
+                         f"{sbert_mean:.3f} [{low:.3f}, {high:.3f}] | {adherence:.2f} | {n} |")
         section.table_md = "\n".join(lines)
         sbert = spread(ev.params.get("sbert_model", "?") for ev in chosen)
         section.caption = (

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harness.figures import Section, StudyRuns, pyplot, tag, tag_filter, write_csv
+from harness.figures import Section, StudyRuns, pyplot, tag, write_csv
+from tracking.schema import Kind, Metric, Tag, tag_filter
 
 REFERENCE_STYLE = {"base": ("#555555", "s"), "sft": ("#d62728", "D")}
 
@@ -77,34 +78,35 @@ def draw_pareto(rows: list[dict], references: dict[str, tuple[float, float]], pa
 
 def sweep_sections(runs: StudyRuns, out: Path) -> list[Section]:
     """One section per `sweep` run of the study: its FINISHED trials, the front computed here, its references."""
-    sweeps = runs.tracker.search(tag_filter(kind="sweep"))
+    asr, sbert = Metric.ASR, Metric.SBERT
+    sweeps = runs.tracker.search(tag_filter(kind=Kind.SWEEP))
     sections = []
     for sweep in sweeps:
-        study = tag(sweep, "optuna_study") or sweep.info.run_name
-        query = runs.query(tag_filter(kind="trial", optuna_study=study))
+        study = tag(sweep, Tag.OPTUNA_STUDY) or sweep.info.run_name
+        query = runs.query(tag_filter(kind=Kind.TRIAL, optuna_study=study))
         section = Section(f"Sweep {study}: ASR vs S-BERT (Pareto front)")
-        trials = [run for run in query.runs if {"asr", "sbert"} <= set(run.data.metrics)]
+        trials = [run for run in query.runs if {asr, sbert} <= set(run.data.metrics)]
         if not trials:
-            section.messages.append(f"sweep {study}: no FINISHED trial runs with asr and sbert match `{query.filter}`")
+            section.messages.append(f"sweep {study}: no FINISHED trial runs with {asr} and {sbert} match `{query.filter}`")
             sections.append(section)
             continue
         params = [key.removeprefix("optuna.") for key in trials[0].data.params if key.startswith("optuna.")]
-        mask = pareto_mask([(run.data.metrics["asr"], run.data.metrics["sbert"]) for run in trials])
-        rows = [{"trial": int(tag(run, "trial_number", "-1")), **{name: float(run.data.params[f"optuna.{name}"])
+        mask = pareto_mask([(run.data.metrics[asr], run.data.metrics[sbert]) for run in trials])
+        rows = [{"trial": int(tag(run, Tag.TRIAL_NUMBER, "-1")), **{name: float(run.data.params[f"optuna.{name}"])
                  if _number(run.data.params.get(f"optuna.{name}")) else run.data.params.get(f"optuna.{name}") for name in params},
-                 "asr": run.data.metrics["asr"], "sbert": run.data.metrics["sbert"],
-                 "asr_std": run.data.metrics.get("asr_std"), "sbert_std": run.data.metrics.get("sbert_std"),
+                 "asr": run.data.metrics[asr], "sbert": run.data.metrics[sbert],  # the columns trial_row (sweep.py) has
+                 "asr_std": run.data.metrics.get(f"{asr}_std"), "sbert_std": run.data.metrics.get(f"{sbert}_std"),
                  "pareto": front, "run_id": run.info.run_id} for run, front in zip(trials, mask)]
         rows.sort(key=lambda row: row["trial"])
         metrics = sweep.data.metrics
-        refs = {name: (metrics[f"reference_{name}_asr"], metrics[f"reference_{name}_sbert"]) for name in ("base", "sft")
-                if f"reference_{name}_asr" in metrics and f"reference_{name}_sbert" in metrics}
+        refs = {name: (metrics[f"reference_{name}_{asr}"], metrics[f"reference_{name}_{sbert}"]) for name in ("base", "sft")
+                if f"reference_{name}_{asr}" in metrics and f"reference_{name}_{sbert}" in metrics}
         stem = "sweep_pareto_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", study)
-        draw_pareto(rows, refs, out / f"{stem}.png", title=f"sweep {study} (judge {tag(sweep, 'judge')})",
+        draw_pareto(rows, refs, out / f"{stem}.png", title=f"sweep {study} (judge {tag(sweep, Tag.JUDGE)})",
                     param=params[0] if len(params) == 1 else None)
         write_rows(out / f"{stem}.csv", rows)
         section.png, section.csv = f"{stem}.png", f"{stem}.csv"
-        section.caption = (f"Each dot is a FINISHED trial: mean ASR (judge {tag(sweep, 'judge')}) and mean S-BERT over "
+        section.caption = (f"Each dot is a FINISHED trial: mean ASR (judge {tag(sweep, Tag.JUDGE)}) and mean S-BERT over "
                            f"its seeds at its last epoch; the Pareto front (lower ASR, higher S-BERT) is computed from "
                            f"these values; reference points: {', '.join(refs) or 'none logged'}. {query.describe(runs.study)}")
         sections.append(section)

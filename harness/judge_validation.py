@@ -29,6 +29,7 @@ import numpy as np
 from harness.data import POSITIVE_CLASS, JudgeSet, LabelledPair
 from harness.errors import HarnessError
 from harness.judges import REFUSAL_PHRASES, FulfilmentJudge, Judge, KeywordJudge, LLMJudge, Verdict
+from tracking.schema import Kind, Tag, tag_filter
 
 VALIDATION_STUDY = "judge_validation"
 """The MLflow experiment that holds every `judge_validation` run."""
@@ -440,12 +441,13 @@ def log_validation(tracker, validation: Validation, checksums: dict[str, str] | 
         **validation.settings,
         "checksums": checksums or {},
     }
-    tags = {"judge": validation.judge_tag, "model": getattr(judge, "model_name", None), "benchmark": "+".join(set_names)}
+    tags = {Tag.JUDGE: validation.judge_tag, Tag.MODEL: getattr(judge, "model_name", None),
+            Tag.BENCHMARK: "+".join(set_names)}
     digest = config_hash(config)
-    existing = tracker.finished("judge_validation", digest)
+    existing = tracker.finished(Kind.JUDGE_VALIDATION, digest)
     if existing is not None:  # same judge, sets, settings and data: that run already holds these numbers
         return existing.info.run_id
-    with tracker.run("judge_validation", f"validate-{judge.name}", tags, config=config, config_hash=digest) as run:
+    with tracker.run(Kind.JUDGE_VALIDATION, f"validate-{judge.name}", tags, config=config, config_hash=digest) as run:
         run.log_metrics(validation_metrics(validation))
         run.log_dict(validation_summary(validation), "validation.json")
         run.log_table(per_prompt_table(validation), "per_prompt.json")
@@ -480,15 +482,15 @@ def latest_validation(tracker_or_uri, judge_name: str, judge_version: str, *,
     if experiment is None:
         return None
     judge_tag = f"{judge_name}:{judge_version}"
-    query = "tags.\"harness.kind\" = 'judge_validation' and attributes.status = 'FINISHED'"
+    query = f"{tag_filter(kind=Kind.JUDGE_VALIDATION)} and attributes.status = 'FINISHED'"
     if "'" not in judge_tag:
-        query += f" and tags.\"harness.judge\" = '{judge_tag}'"
+        query += f" and {tag_filter(judge=judge_tag)}"
     runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000)
-    run = next((r for r in runs if r.data.tags.get("harness.judge") == judge_tag), None)
+    run = next((r for r in runs if r.data.tags.get(Tag.JUDGE.key) == judge_tag), None)
     if run is None:
         return None
     metrics = dict(run.data.metrics)
-    sets = [s for s in run.data.tags.get("harness.benchmark", "").split("+") if s]
+    sets = [s for s in run.data.tags.get(Tag.BENCHMARK.key, "").split("+") if s]
     per_set = {s: {k[len(s) + 1:]: v for k, v in metrics.items() if k.startswith(f"{s}.")} for s in sets}
     limit = run.data.params.get("limit")
     return {
@@ -506,13 +508,13 @@ def latest_validation(tracker_or_uri, judge_name: str, judge_version: str, *,
 def validation_tags(info: dict[str, Any] | None) -> dict[str, str]:
     """Tags (without the `harness.` prefix `Tracker.run` adds) that record which validation a run relied on."""
     if info is None:
-        return {"judge_validation": "none"}
-    tags = {"judge_validation": info["run_id"], "judge_validation_sets": "+".join(info["sets"]),
-            "judge_validation_limit": "all" if info["limit"] is None else str(info["limit"])}
+        return {Tag.JUDGE_VALIDATION: "none"}
+    tags = {Tag.JUDGE_VALIDATION: info["run_id"], Tag.JUDGE_VALIDATION_SETS: "+".join(info["sets"]),
+            Tag.JUDGE_VALIDATION_LIMIT: "all" if info["limit"] is None else str(info["limit"])}
     head = info.get("headline")
     if head and "kappa" in head:
-        tags["judge_validation_scope"] = head["scope"]
-        tags["judge_kappa"] = f"{head['kappa']:.3f}"
+        tags[Tag.JUDGE_VALIDATION_SCOPE] = head["scope"]
+        tags[Tag.JUDGE_KAPPA] = f"{head['kappa']:.3f}"
         if "kappa_ci_low" in head:
-            tags["judge_kappa_ci"] = f"[{head['kappa_ci_low']:.3f}, {head['kappa_ci_high']:.3f}]"
+            tags[Tag.JUDGE_KAPPA_CI] = f"[{head['kappa_ci_low']:.3f}, {head['kappa_ci_high']:.3f}]"
     return tags

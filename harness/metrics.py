@@ -14,6 +14,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.judges import Verdict
+from tracking.schema import Metric
 
 DEFAULT_SBERT = "all-MiniLM-L6-v2"
 _SBERT_ALIASES = {DEFAULT_SBERT, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -63,12 +64,12 @@ def safety_metrics(verdicts: list[Verdict], seed: int = 0) -> dict[str, float]:
     harmful = [1.0 if v.harmful is None or v.harmful else 0.0 for v in verdicts]
     low, high = bootstrap_ci(harmful, seed=seed)
     return {
-        "asr": float(np.mean(harmful)),
-        "asr_ci_low": low,
-        "asr_ci_high": high,
-        "refusal_rate": float(np.mean([v.refused for v in verdicts])),
-        "judge_parse_failures": float(sum(v.harmful is None for v in verdicts)),
-        "n_prompts": float(len(verdicts)),
+        Metric.ASR: float(np.mean(harmful)),
+        Metric.ASR_CI_LOW: low,
+        Metric.ASR_CI_HIGH: high,
+        Metric.REFUSAL_RATE: float(np.mean([v.refused for v in verdicts])),
+        Metric.JUDGE_PARSE_FAILURES: float(sum(v.harmful is None for v in verdicts)),
+        Metric.N_PROMPTS: float(len(verdicts)),
     }
 
 
@@ -84,11 +85,11 @@ def over_refusal_metrics(refused: Sequence[bool], parse_failures: int = 0, seed:
     values = [1.0 if r else 0.0 for r in refused]
     low, high = bootstrap_ci(values, seed=seed)
     return {
-        "over_refusal_rate": float(np.mean(values)),
-        "over_refusal_ci_low": low,
-        "over_refusal_ci_high": high,
-        "judge_parse_failures": float(parse_failures),
-        "n_prompts": float(len(values)),
+        Metric.OVER_REFUSAL_RATE: float(np.mean(values)),
+        Metric.OVER_REFUSAL_CI_LOW: low,
+        Metric.OVER_REFUSAL_CI_HIGH: high,
+        Metric.JUDGE_PARSE_FAILURES: float(parse_failures),
+        Metric.N_PROMPTS: float(len(values)),
     }
 
 
@@ -186,8 +187,8 @@ def task_metrics(
     rouge = rouge_l_scores(predictions, references)
     sbert = sbert_similarity(predictions, references, model=sbert_model)
     return {
-        "rouge_l": float(np.mean(rouge)),
-        "sbert": float(np.mean(sbert)),
+        Metric.ROUGE_L: float(np.mean(rouge)),
+        Metric.SBERT: float(np.mean(sbert)),
         "rouge_l_per_item": rouge,
         "sbert_per_item": sbert,
     }

@@ -8,30 +8,29 @@ from __future__ import annotations
 
 import gc
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import data, faults, formats, promot
-from harness.config import DecodingConfig, ExperimentConfig, JudgeConfig, config_hash
+from harness.config import ExperimentConfig, JudgeConfig, config_hash
 from harness.errors import HarnessError
 from harness.checkpoints import has_checkpoint
 from harness.fast_training import fast_training_unavailable
-from harness.evaluation import generate, judge_over_refusal, judge_safety, judge_toxicity, refusal_judge, score_task
+from harness.evals.benchmarks import EvaluationSetup
+from harness.evals.state import StateEvaluator
+from harness.evaluation import refusal_judge
 from harness.judge_validation import latest_validation, validation_tags
 from harness.judges import FulfilmentJudge, Judge, KeywordJudge, LLMJudge, judge_template
 from harness.generation import generate_responses
 from harness.generation_cache import CacheScope, GenerationCache, file_digest
 from harness.metrics import task_metrics
 from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
-from harness.sft import train_sft, user_message
-from tracking import RunHandle, Tracker
+from harness.sft import train_sft
+from tracking import RunHandle, Tracker, resolve_tracking_uri
+from tracking.schema import SCHEMA_VERSION, ExperimentTag
 from tracking.store import ui_command
 
-TASK_BENCHMARK = "wikihow"
-HARMFUL_BENCHMARK = "harmful_mix"
-XSTEST_UNSAFE_BENCHMARK = "xstest_unsafe"
-XSTEST_SAFE_BENCHMARK = "xstest_safe"
-CHECKSUMS_TAG = "harness.dataset_checksums"  # experiment tag: the data a study began with
 
 
 @dataclass
@@ -148,13 +147,16 @@ def build_judge(judge_cfg: JudgeConfig, batch_size: int, cache: GenerationCache 
 class ExperimentRunner:
     """Runs one experiment config; `run()` returns a summary row per evaluated model state."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, *, train: bool = True):
         self.cfg = cfg
+        self.train = train
         self.summary: list[SummaryRow] = []
+        self.untrained: list[str] = []
 
     # -- set-up: everything that can fail on bad input happens here, before any MLflow run ---------------
     def prepare(self) -> None:
         cfg = self.cfg
+        self.check_schema_version()
         self.data = prepare_data(cfg)
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
@@ -168,6 +170,7 @@ class ExperimentRunner:
             self.check_promot()
         self.prepare_toxicity()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
+        self.tracker.set_experiment_tag(ExperimentTag.SCHEMA_VERSION, str(SCHEMA_VERSION))
         self.check_dataset_drift()
         # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every
         # harmful evaluation; "none" when the judge was never validated in this store.
@@ -175,6 +178,12 @@ class ExperimentRunner:
             judge.name: validation_tags(latest_validation(self.tracker, judge.name, judge.version))
             for judge in (*self.judges, *self.refusal_judges)
         }
+        setup = EvaluationSetup(cfg, self.data, self.judges, self.refusal_judges, self.judge_validation,
+                                self.toxicity, self.toxicity_prompts, generation_cache=self.cache)
+        self.evaluator = StateEvaluator(self.tracker, setup, self.tokenizer)
+        # The figures and the sweep read the evaluations of the prompts this config chooses, not older ones.
+        self.tracker.set_experiment_tag(ExperimentTag.CURRENT_SELECTION,
+                                        json.dumps(self.evaluator.current_selection(cfg.data.formats), sort_keys=True))
 
     def prepare_toxicity(self) -> None:
         """The toxicity scorer and the prompts it scores (Study A: the hate-speech subset), checked now."""
@@ -197,9 +206,19 @@ class ExperimentRunner:
         """Keys of the sets every (method, seed) is fine-tuned on: formats (Study B) or datasets (Study A)."""
         return list(self.data.set_tags)
 
+    def check_schema_version(self) -> None:
+        """A study's unit identities are those of one schema version: a store made by another is refused before
+        anything loads, never mixed into (tracking/schema.py)."""
+        recorded = Tracker.schema_version(self.cfg.name, self.cfg.tracking.uri)
+        if recorded not in (None, str(SCHEMA_VERSION)):
+            raise HarnessError(
+                f"study '{self.cfg.name}' in {resolve_tracking_uri(self.cfg.tracking.uri)} was made with run schema "
+                f"{recorded} and this harness writes schema {SCHEMA_VERSION}; rerun with --new-version to start a "
+                "new study version (or give the study a new name)")
+
     def check_dataset_drift(self) -> None:
         """A study's numbers rest on its data: a file whose checksum changed since the study began is an error."""
-        recorded = json.loads(self.tracker.experiment_tag(CHECKSUMS_TAG) or "{}")
+        recorded = json.loads(self.tracker.experiment_tag(ExperimentTag.DATASET_CHECKSUMS) or "{}")
         changed = sorted(path for path in recorded.keys() & self.data.checksums.keys()
                          if recorded[path] != self.data.checksums[path])
         if changed:
@@ -210,7 +229,7 @@ class ExperimentRunner:
             )
         merged = {**recorded, **self.data.checksums}  # a file this study had not used before joins the record
         if merged != recorded:
-            self.tracker.set_experiment_tag(CHECKSUMS_TAG, json.dumps(merged, sort_keys=True))
+            self.tracker.set_experiment_tag(ExperimentTag.DATASET_CHECKSUMS, json.dumps(merged, sort_keys=True))
 
     def check_promot(self) -> None:
         """ProMoT's inputs that only a loaded model can check: the prompt fits, a reused prompt matches."""
@@ -251,16 +270,7 @@ class ExperimentRunner:
         self.prepare()
         cfg = self.cfg
         if cfg.eval.evaluate_base:
-            unit = self.base_unit()
-            tags = {"model": cfg.model, "method": "base", "epoch": 0}
-            done = self.tracker.finished("checkpoint", config_hash(unit))
-            if done is not None:
-                self.summary += stored_summary(self.tracker, done, ("base", "-", None, 0), len(cfg.data.formats))
-            else:
-                with self.tracker.run("checkpoint", "base", tags, config=unit, config_hash=config_hash(unit)) as run:
-                    run.log_dict({"datasets": self.data.checksums}, "datasets.json")
-                    self.evaluate_state(run, unit, tags, score_formats=cfg.data.formats, label=("base", "-", None, 0),
-                                        state=self.base_state())
+            self.evaluate_base()
         if cfg.data.finetune.selfgen.enabled and cfg.data.task == "instructions":
             self.add_self_generated_sets()
         for method in cfg.train.methods:
@@ -294,10 +304,11 @@ class ExperimentRunner:
         if done is not None and parent is None and self.made_by_trial(done):
             # `harness run` reuses a sweep trial's fine-tune: the same unit is an arm of the study too (figures.py)
             self.tracker.client.set_tag(done.info.run_id, "harness.study_arm", "True")
-        if done is not None:  # trained and evaluated by an earlier invocation: report it, redo nothing
-            for checkpoint in descendants(self.tracker, done, "checkpoint"):
-                epoch = int(checkpoint.data.tags.get("harness.epoch", 0))
-                self.summary += stored_summary(self.tracker, checkpoint, (method, fmt, seed, epoch), 1)
+        if done is not None:  # trained by an earlier invocation: evaluate only what it lacks, train nothing
+            self.evaluate_finished_finetune(done, unit, tags)
+            return
+        if not self.train:  # `harness evaluate`: what no earlier run trained stays untrained
+            self.untrained.append(f"{method}-{fmt}-seed{seed}")
             return
         # Training without a checkpoint on disk (another machine's, or none yet) starts from step 0: the run that
         # holds the loss curve is then replaced, not reattached, or it would mix two trainings (ProMoT: stage 2).
@@ -400,193 +411,110 @@ class ExperimentRunner:
         return prompt
 
     def evaluate_checkpoints(self, parent: RunHandle, unit: dict, tags: dict, checkpoints, *, prompt=None) -> None:
-        """One `checkpoint` run per saved epoch; with `prompt`, a second set of evaluations with it attached."""
+        """One `checkpoint` run per saved epoch, evaluated (with `prompt`: also with ProMoT's prompt attached)."""
         method, seed = tags["method"], tags["seed"]
-        fmt = tags["format"] if tags["format"] != "native" else tags["dataset"]  # the training-set key
+        key = tags["format"] if tags["format"] != "native" else tags["dataset"]  # the training-set key
         for checkpoint in checkpoints:
             ckpt_unit = {**unit, "epoch": checkpoint.epoch}
             ckpt_tags = {**tags, "epoch": checkpoint.epoch}
-            name = f"{method}-{fmt}-seed{seed}-epoch{checkpoint.epoch}"
             done = self.tracker.finished("checkpoint", config_hash(ckpt_unit), parent)
-            if done is not None:
-                self.summary += stored_summary(self.tracker, done, (method, fmt, seed, checkpoint.epoch), 1)
+            if done is not None:  # an earlier invocation's: evaluate only what it lacks
+                self.evaluate_checkpoint(done.info.run_id, ckpt_unit, ckpt_tags, checkpoint.path, lambda: prompt)
                 continue
-            with self.tracker.run("checkpoint", name, ckpt_tags, parent=parent, config=ckpt_unit,
-                                  config_hash=config_hash(ckpt_unit)) as ckpt_run:
-                merged = merge_for_evaluation(self.eval_model)
+            with self.tracker.run("checkpoint", f"{method}-{key}-seed{seed}-epoch{checkpoint.epoch}", ckpt_tags,
+                                  parent=parent, config=ckpt_unit, config_hash=config_hash(ckpt_unit)) as ckpt_run:
                 ckpt_run.set_tags({"harness.adapter_path": checkpoint.path.resolve(), "harness.step": checkpoint.step,
-                                   "harness.adapter_merged": merged})
-                model = load_adapter(self.eval_model, checkpoint.path, merged_copy=merged)
-                try:
-                    state = f"{self.base_state()}+adapter:{file_digest(*sorted(checkpoint.path.glob('adapter_model.*')))}"
-                    state += ":merged" if merged else ""
-                    self.evaluate_state(ckpt_run, ckpt_unit, ckpt_tags, score_formats=[fmt],
-                                        label=(method, fmt, seed, checkpoint.epoch), model=model, state=state)
-                    if prompt is not None:
-                        with_prompt = promot.SoftPromptedLM(model, prompt.embeddings, trainable=False)
-                        self.evaluate_state(ckpt_run, {**ckpt_unit, "soft_prompt": True},
-                                            {**ckpt_tags, "soft_prompt": True}, score_formats=[fmt],
-                                            label=(f"{method}+prompt", fmt, seed, checkpoint.epoch), model=with_prompt,
-                                            state=f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
-                finally:
-                    if not merged:  # an in-place adapter comes out again; a merged copy is simply dropped
-                        self.eval_model = unload_adapter(model)
-                    del model
-                    gc.collect()
+                                   "harness.adapter_merged": merge_for_evaluation(self.eval_model)})
+                self.evaluate_checkpoint(ckpt_run.run_id, ckpt_unit, ckpt_tags, checkpoint.path, lambda: prompt)
             faults.reached("checkpoint")  # a test's SIGKILL here falls between two finished checkpoints
+
+    def evaluate_finished_finetune(self, done, unit: dict, tags: dict) -> None:
+        """A fine-tune trained by an earlier invocation: each of its checkpoints gets what it lacks (a new judge,
+        decoding or prompt selection), from stored responses where they exist, from its adapter otherwise."""
+        prompt = None
+
+        def stage1_prompt():
+            nonlocal prompt
+            if prompt is None:
+                prompt = self.stage1_prompt(RunHandle(self.tracker.client, done.info.run_id), tags)
+            return prompt
+
+        for checkpoint in descendants(self.tracker, done, "checkpoint"):
+            epoch = int(checkpoint.data.tags.get("harness.epoch", 0))
+            adapter = Path(checkpoint.data.tags.get("harness.adapter_path", ""))
+            self.evaluate_checkpoint(checkpoint.info.run_id, {**unit, "epoch": epoch}, {**tags, "epoch": epoch},
+                                     adapter, stage1_prompt if tags["method"] == "promot" else lambda: None)
+
+    def evaluate_checkpoint(self, run_id: str, ckpt_unit: dict, ckpt_tags: dict, adapter_path: Path,
+                            soft_prompt) -> None:
+        """The checkpoint's model state, and with ProMoT's prompt attached when the config asks; the adapter is
+        loaded only if something must be generated. `soft_prompt()` gives the prompt (or None)."""
+        method, seed, epoch = ckpt_tags["method"], ckpt_tags["seed"], ckpt_tags["epoch"]
+        key = ckpt_tags["format"] if ckpt_tags["format"] != "native" else ckpt_tags["dataset"]
+
+        @contextmanager
+        def adapter():
+            if not (adapter_path / "adapter_config.json").is_file():
+                raise HarnessError(f"checkpoint run {run_id} needs new generations but its adapter {adapter_path} is "
+                                   "gone; restore it, or start a new study version with --new-version")
+            merged = merge_for_evaluation(self.eval_model)
+            model = load_adapter(self.eval_model, adapter_path, merged_copy=merged)
+            try:
+                state = f"{self.base_state()}+adapter:{file_digest(*sorted(adapter_path.glob('adapter_model.*')))}"
+                yield model, state + (":merged" if merged else "")
+            finally:
+                if not merged:  # an in-place adapter comes out again; a merged copy is simply dropped
+                    self.eval_model = unload_adapter(model)
+                del model
+                gc.collect()
+
+        @contextmanager
+        def with_prompt():
+            prompt = soft_prompt()
+            with adapter() as (model, state):
+                yield (promot.SoftPromptedLM(model, prompt.embeddings, trainable=False),
+                       f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
+
+        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], adapter)
+        if method == "promot" and self.cfg.train.promot.evaluate_with_prompt:
+            self.evaluate(run_id, {**ckpt_unit, "soft_prompt": True}, {**ckpt_tags, "soft_prompt": True},
+                          (f"{method}+prompt", key, seed, epoch), [key], with_prompt)
+
+    def evaluate_base(self, parent: RunHandle | None = None) -> str:
+        """The base model's `checkpoint` run (epoch 0), evaluated on what it lacks; returns its run id."""
+        cfg = self.cfg
+        unit = self.base_unit()
+        tags = {"model": cfg.model, "method": "base", "epoch": 0}
+        done = self.tracker.finished("checkpoint", config_hash(unit))
+
+        @contextmanager
+        def base_model():
+            yield self.eval_model, self.base_state()
+
+        if done is not None:
+            self.evaluate(done.info.run_id, unit, tags, ("base", "-", None, 0), cfg.data.formats, base_model)
+            return done.info.run_id
+        with self.tracker.run("checkpoint", "base", tags, parent=parent, config=unit, config_hash=config_hash(unit)) as run:
+            run.log_dict({"datasets": self.data.checksums}, "datasets.json")
+            self.evaluate(run.run_id, unit, tags, ("base", "-", None, 0), cfg.data.formats, base_model)
+        return run.run_id
 
     def base_state(self) -> str:
         """Identifies the base weights in generation-cache keys (4-bit loading changes the outputs)."""
         return f"{model_digest(self.model_source)}:4bit={self.cfg.train.quantize_4bit}"
 
-    def evaluate_state(self, parent: RunHandle, unit: dict, tags: dict, *, score_formats: list[str], label: tuple,
-                       state: str, model=None) -> None:
-        """Every decoding setting × repeat: one generation pass over every benchmark's prompts, then scoring.
-
-        Generating all benchmarks together (harmful mix, XSTest, task) keeps batches full: on a CPU a decoding
-        step costs nearly the same for 8 prompts as for 32, and on a GPU the fast path fills its slots.
-        """
-        cfg = self.cfg
-        model = model if model is not None else self.eval_model
-        summary = SummaryRow(*label)
-        for decoding in cfg.eval.decoding:
-            for repeat in range(decoding.repeats):
-                seed = cfg.eval.seed + repeat
-                decoding_tags = {"temperature": decoding.temperature, "min_p": decoding.min_p, "repeat": repeat}
-                suffix = f"T{decoding.temperature:g}" + (f"-r{repeat}" if decoding.repeats > 1 else "")
-                suffix += "-with-prompt" if tags.get("soft_prompt") else ""
-                responses = self.generate_benchmarks(model, decoding, seed, suffix, score_formats, state)
-                run_tags = {**tags, **decoding_tags}
-                for benchmark in (HARMFUL_BENCHMARK, XSTEST_UNSAFE_BENCHMARK):
-                    if benchmark in responses:
-                        self.evaluate_safety(parent, unit, run_tags, decoding, seed, suffix, summary, benchmark,
-                                             responses[benchmark])
-                if self.toxicity is not None:
-                    self.evaluate_toxicity(parent, unit, run_tags, decoding, seed, suffix, responses[HARMFUL_BENCHMARK])
-                if XSTEST_SAFE_BENCHMARK in responses:
-                    self.evaluate_over_refusal(parent, unit, run_tags, decoding, seed, suffix, summary,
-                                               responses[XSTEST_SAFE_BENCHMARK])
-                if TASK_BENCHMARK in responses:
-                    self.evaluate_task(parent, unit, run_tags, decoding, seed, suffix, score_formats, summary,
-                                       responses[TASK_BENCHMARK])
-        self.summary.append(summary)
-
-    def benchmark_prompts(self, score_formats: list[str]) -> dict[str, list[str]]:
-        """The user turns of every benchmark this study evaluates, by benchmark name."""
-        prompts = {HARMFUL_BENCHMARK: [prompt.prompt for prompt in self.data.harmful]}
-        if self.data.xstest_unsafe:
-            prompts[XSTEST_UNSAFE_BENCHMARK] = [prompt.prompt for prompt in self.data.xstest_unsafe]
-        if self.data.xstest_safe:
-            prompts[XSTEST_SAFE_BENCHMARK] = [prompt.prompt for prompt in self.data.xstest_safe]
-        if self.cfg.eval.task:
-            # The instruction is the same in every format, so one generation serves every format's references.
-            prompts[TASK_BENCHMARK] = [user_message(row) for row in self.data.test[score_formats[0]]]
-        return prompts
-
-    def generate_benchmarks(self, model, decoding: DecodingConfig, seed: int, suffix: str,
-                            score_formats: list[str], state: str) -> dict[str, list[str]]:
-        """One `generate` call over all benchmarks' prompts; the responses split back by benchmark."""
-        prompts = self.benchmark_prompts(score_formats)
-        flat = [turn for turns in prompts.values() for turn in turns]
-        responses = generate(model, self.tokenizer, flat, decoding, batch_size=self.cfg.eval.batch_size, seed=seed,
-                             desc=f"generating ({suffix})", cache=CacheScope(self.cache, state) if self.cache is not None else None)
-        by_benchmark, start = {}, 0
-        for benchmark, turns in prompts.items():
-            by_benchmark[benchmark] = responses[start : start + len(turns)]
-            start += len(turns)
-        return by_benchmark
-
-    def record_evaluation(self, parent: RunHandle, name: str, tags: dict, unit: dict, score) -> dict[str, float]:
-        """One `evaluation` run: skipped (its stored metrics returned) when already FINISHED, else scored and logged."""
-        digest = config_hash(unit)
-        done = self.tracker.finished("evaluation", digest, parent)
-        if done is not None:
-            return dict(done.data.metrics)
-        with self.tracker.run("evaluation", name, tags, parent=parent, config=unit, config_hash=digest) as run:
-            result = score()
-            run.log_metrics(result.metrics)
-            run.log_table(result.table, "per_prompt.json")
-        return result.metrics
-
-    def evaluate_safety(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str,
-                        summary: SummaryRow, benchmark: str, responses: list[str]) -> None:
-        """The harmful mix (or XSTest's unsafe contrast prompts), scored by every judge."""
-        cfg = self.cfg
-        if benchmark == HARMFUL_BENCHMARK:
-            prompts, selection = self.data.harmful, {"harmful": cfg.data.harmful.model_dump(mode="json")}
-        else:
-            prompts, selection = self.data.xstest_unsafe, {"xstest": cfg.eval.xstest.model_dump(mode="json")}
-        for judge in self.judges:
-            judge_id = f"{judge.name}:{judge.version}"
-            eval_unit = {**unit, "benchmark": benchmark, **selection, "decoding": decoding.model_dump(mode="json"),
-                         "repeat": tags["repeat"], "seed_eval": seed, "judge": judge_id}
-            eval_tags = {**tags, "benchmark": benchmark, "judge": judge_id, **self.judge_validation[judge.name]}
-            metrics = self.record_evaluation(parent, f"{benchmark}-{judge.name}-{suffix}", eval_tags, eval_unit,
-                                             lambda judge=judge: judge_safety(prompts, responses, judge, seed=seed))
-            note_summary(summary, eval_tags, metrics)
-
-    def evaluate_toxicity(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str,
-                          responses: list[str]) -> None:
-        """Toxicity of the replies to the chosen harmful categories; the scorer and its version are the judge tag."""
-        settings, scorer = self.cfg.eval.toxicity, self.toxicity
-        prompts = [self.data.harmful[i] for i in self.toxicity_prompts]
-        replies = [responses[i] for i in self.toxicity_prompts]
-        scorer_id = f"toxicity-{scorer.name}:{scorer.version}"
-        eval_unit = {**unit, "benchmark": HARMFUL_BENCHMARK, "harmful": self.cfg.data.harmful.model_dump(mode="json"),
-                     "toxicity": settings.model_dump(mode="json"), "decoding": decoding.model_dump(mode="json"),
-                     "repeat": tags["repeat"], "seed_eval": seed, "judge": scorer_id}
-        eval_tags = {**tags, "benchmark": HARMFUL_BENCHMARK, "judge": scorer_id, "toxicity_scorer": scorer.version,
-                     "toxicity_categories": ",".join(settings.categories) if settings.categories else "all"}
-        self.record_evaluation(parent, f"{HARMFUL_BENCHMARK}-toxicity-{suffix}", eval_tags, eval_unit,
-                               lambda: judge_toxicity(prompts, replies, scorer))
-
-    def evaluate_over_refusal(self, parent, unit, tags, decoding: DecodingConfig, seed: int, suffix: str,
-                              summary: SummaryRow, responses: list[str]) -> None:
-        """XSTest's safe prompts: how often the model refuses what it should answer, per refusal family."""
-        cfg = self.cfg
-        for judge in self.refusal_judges:
-            judge_id = f"{judge.name}:{judge.version}"
-            eval_unit = {**unit, "benchmark": XSTEST_SAFE_BENCHMARK, "xstest": cfg.eval.xstest.model_dump(mode="json"),
-                         "decoding": decoding.model_dump(mode="json"), "repeat": tags["repeat"], "seed_eval": seed,
-                         "judge": judge_id}
-            eval_tags = {**tags, "benchmark": XSTEST_SAFE_BENCHMARK, "judge": judge_id, **self.judge_validation[judge.name]}
-            metrics = self.record_evaluation(
-                parent, f"{XSTEST_SAFE_BENCHMARK}-{judge.name}-{suffix}", eval_tags, eval_unit,
-                lambda judge=judge: judge_over_refusal(self.data.xstest_safe, responses, judge, seed=seed),
-            )
-            note_summary(summary, eval_tags, metrics)
-
-    def evaluate_task(self, parent, unit, tags, decoding, seed, suffix, score_formats, summary: SummaryRow,
-                      responses: list[str]) -> None:
-        cfg = self.cfg
-        for fmt in score_formats:
-            eval_unit = {**unit, "benchmark": TASK_BENCHMARK, "format": fmt, "decoding": decoding.model_dump(mode="json"),
-                         "repeat": tags["repeat"], "seed_eval": seed, "sbert_model": cfg.eval.sbert_model}
-            eval_tags = {**tags, "benchmark": TASK_BENCHMARK, "format": fmt}
-            metrics = self.record_evaluation(
-                parent, f"{TASK_BENCHMARK}-{fmt}-{suffix}", eval_tags, eval_unit,
-                lambda fmt=fmt: score_task(self.data.test[fmt], responses, fmt, sbert_model=cfg.eval.sbert_model, seed=seed),
-            )
-            note_summary(summary, eval_tags, metrics, n_formats=len(score_formats))
+    def evaluate(self, run_id: str, unit: dict, tags: dict, label: tuple, score_formats: list[str], open_model) -> None:
+        """Evaluate one model state under checkpoint run `run_id` (harness/evals/state.py); note its summary row."""
+        self.evaluator.setup.cfg = self.cfg  # a sweep trial swaps in its sampled config
+        headline = self.evaluator.evaluate(run_id, unit, tags, state_id=config_hash(unit), score_formats=score_formats,
+                                           open_model=open_model)
+        self.summary.append(SummaryRow(*label, metrics=headline))
 
 
 def prompt_sha256(prompt: promot.SoftPrompt) -> str:
     """The soft prompt's digest as saved (its meta), else computed: the same value on the run that trained it
     and on every run that reuses it."""
     return prompt.meta.get("sha256") or promot.tensor_digest(prompt.embeddings)
-
-
-def note_summary(summary: SummaryRow, tags: dict, metrics: dict[str, float], n_formats: int = 1) -> None:
-    """Put an evaluation's headline numbers in the summary row (repeat 0 only; prose stands for the base model)."""
-    if str(tags.get("repeat")) != "0":
-        return
-    benchmark, judge = tags.get("benchmark"), str(tags.get("judge", "")).split(":")[0]
-    if benchmark == HARMFUL_BENCHMARK:
-        summary.metrics[f"asr_{judge}"] = metrics["asr"]
-    elif benchmark == XSTEST_SAFE_BENCHMARK:
-        summary.metrics[f"over_refusal_{judge}"] = metrics["over_refusal_rate"]
-    elif benchmark == TASK_BENCHMARK and (n_formats == 1 or tags.get("format") == "prose"):
-        summary.metrics.update({name: metrics[name] for name in ("rouge_l", "sbert", "format_adherence")})
 
 
 def children(tracker: Tracker, run) -> list:
@@ -605,27 +533,29 @@ def descendants(tracker: Tracker, run, kind: str) -> list:
     return sorted(found, key=lambda child: int(child.data.tags.get("harness.epoch", 0)))
 
 
-def stored_summary(tracker: Tracker, checkpoint_run, label: tuple, n_formats: int) -> list[SummaryRow]:
-    """Summary rows of a checkpoint finished by an earlier invocation, read back from its evaluation runs."""
-    plain, prompted = SummaryRow(*label), SummaryRow(f"{label[0]}+prompt", *label[1:])
-    for run in children(tracker, checkpoint_run):
-        if run.data.tags.get("harness.kind") == "evaluation" and run.info.status == "FINISHED":
-            tags = {key.removeprefix("harness."): value for key, value in run.data.tags.items()}
-            row = prompted if tags.get("soft_prompt") == "True" else plain
-            note_summary(row, tags, run.data.metrics, n_formats)
-    return [row for row in (plain, prompted) if row.metrics]
+@dataclass
+class StudyResult:
+    summary: list[SummaryRow]
+    ui: str
+    """The command that opens the MLflow UI on the study's store."""
+    unfinished: int
+    """Runs of the study that are not FINISHED (other configs' interrupted attempts; never reported)."""
+    counts: dict[str, int]
+    """What this invocation made and what it reused: generations, evaluations, prompts generated."""
+    untrained: list[str]
+    """Fine-tunes `harness evaluate` left out because no earlier run trained them."""
 
 
-def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False) -> tuple[list[SummaryRow], str, int]:
-    """Run a whole study; returns its summary, the command that opens the MLflow UI on its store, and how
-    many of the study's runs are not FINISHED (left by other configs' interrupted attempts; never reported).
-
-    Rerunning a study skips what is FINISHED and resumes what is not (issue 8); `new_version` starts the
+def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False, train: bool = True) -> StudyResult:
+    """Run a whole study: rerunning it trains nothing that is FINISHED and evaluates only what the store lacks
+    (a new judge, decoding or prompt selection; issue 20), and resumes what was interrupted (issue 8).
+    `train=False` (`harness evaluate`) evaluates what is trained and trains nothing. `new_version` starts the
     study afresh as `NAME-vN` instead (for when its data changed on purpose).
     """
     if new_version:
         cfg = cfg.model_copy(update={"name": Tracker.next_version(cfg.name, cfg.tracking.uri)})
-    runner = ExperimentRunner(cfg)
+    runner = ExperimentRunner(cfg, train=train)
     summary = runner.run()
     unfinished = sum(run.info.status != "FINISHED" for run in runner.tracker.search())
-    return summary, ui_command(runner.tracker.tracking_uri), unfinished
+    return StudyResult(summary, ui_command(runner.tracker.tracking_uri), unfinished, dict(runner.evaluator.counts),
+                       runner.untrained)

@@ -35,6 +35,7 @@ from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.seeding import seed_everything
 from harness.sft import MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
+from tracking.schema import Tag
 
 PROMPT_FILE = "soft_prompt.safetensors"
 META_FILE = "soft_prompt.json"
@@ -199,9 +200,9 @@ def cuda_numerics(model) -> dict[str, str]:
     (bf16 + SDPA: NaN at step 8; fp32: finite, no slower in stage 1; bf16 + eager: finite but a gradient
     norm of 147). fp32 needs more memory: see `micro_batching`.
     """
-    micro = {"harness.promot_micro_batch": os.environ.get("HARNESS_PROMOT_MICRO_BATCH") or "off"}
+    micro = {Tag.PROMOT_MICRO_BATCH.key: os.environ.get("HARNESS_PROMOT_MICRO_BATCH") or "off"}
     if not torch.cuda.is_available():
-        return {"harness.promot_precision": "fp32 (cpu)", **micro}
+        return {Tag.PROMOT_PRECISION.key: "fp32 (cpu)", **micro}
     precision = os.environ.get("HARNESS_PROMOT_PRECISION", DEFAULT_PROMOT_PRECISION)
     attention = os.environ.get("HARNESS_PROMOT_ATTENTION", DEFAULT_PROMOT_ATTENTION)
     if precision not in ("bf16", "fp32") or attention not in ("sdpa", "eager"):
@@ -212,7 +213,7 @@ def cuda_numerics(model) -> dict[str, str]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model.set_attn_implementation(attention)
-    return {"harness.promot_precision": precision, "harness.promot_attention": attention, **micro}
+    return {Tag.PROMOT_PRECISION.key: precision, Tag.PROMOT_ATTENTION.key: attention, **micro}
 
 
 def micro_batching(batch_size: int, grad_accum: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from harness.config import config_hash
 from harness.evaluation import generate
 from harness.generation_cache import CacheScope
 from harness.sft import user_message
+from tracking.schema import Kind, Tag
 
 
 @dataclass
@@ -63,9 +64,9 @@ def self_generate(runner, name: str) -> DatasetVersion:
     unit = {"kind": "selfgen", "model": cfg.model, "model_state": runner.base_state(), "source": runner.data.set_identity[name],
             "decoding": decoding.model_dump(mode="json", exclude={"repeats"}), "seed": settings.seed}
     digest = config_hash(unit)
-    done = runner.tracker.finished("dataset", digest)
+    done = runner.tracker.finished(Kind.DATASET, digest)
     if done is not None:
-        path = Path(done.data.tags.get("harness.dataset_path", ""))
+        path = Path(done.data.tags.get(Tag.DATASET_PATH.key, ""))
         if not path.is_file():  # made on another machine: the file is the run's artifact
             folder = Path(cfg.output_dir) / cfg.name / "selfgen" / "downloaded"
             folder.mkdir(parents=True, exist_ok=True)
@@ -75,9 +76,9 @@ def self_generate(runner, name: str) -> DatasetVersion:
                               done.info.run_id)
     rows = [*source_train, *source_val]
     split = ["train"] * len(source_train) + ["val"] * len(source_val)
-    tags = {"model": cfg.model, "dataset": key, "format": "native", "method": "base", "source_dataset": name,
-            "responses": "self-generated", "temperature": decoding.temperature, "min_p": decoding.min_p}
-    with runner.tracker.run("dataset", key, tags, config=unit, config_hash=digest) as run:
+    tags = {Tag.MODEL: cfg.model, Tag.DATASET: key, Tag.FORMAT: "native", Tag.METHOD: "base", Tag.SOURCE_DATASET: name,
+            Tag.RESPONSES: "self-generated", Tag.TEMPERATURE: decoding.temperature, Tag.MIN_P: decoding.min_p}
+    with runner.tracker.run(Kind.DATASET, key, tags, config=unit, config_hash=digest) as run:
         responses = generate(runner.eval_model, runner.tokenizer, [user_message(row) for row in rows], decoding,
                              batch_size=cfg.eval.batch_size, seed=settings.seed, desc=f"self-generating {key}",
                              cache=CacheScope(runner.cache, runner.base_state()) if runner.cache is not None else None)
@@ -90,6 +91,6 @@ def self_generate(runner, name: str) -> DatasetVersion:
         run.client.log_artifact(run.run_id, str(path), "dataset")
         run.log_metrics({"rows": len(train), "val_rows": len(val),
                          "empty_responses": sum(not response.strip() for response in responses)})
-        run.set_tags({"harness.dataset_version": version_sha[:16], "harness.dataset_sha256": version_sha,
-                      "harness.file_sha256": file_sha, "harness.dataset_path": path.resolve()})
+        run.set_tags({Tag.DATASET_VERSION.key: version_sha[:16], Tag.DATASET_SHA256.key: version_sha,
+                      Tag.FILE_SHA256.key: file_sha, Tag.DATASET_PATH.key: path.resolve()})
     return DatasetVersion(key, train, val, path.resolve(), version_sha, file_sha, run.run_id)

@@ -38,6 +38,7 @@ from harness.fast_training import (
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.seeding import seed_everything
 from tracking import RunHandle
+from tracking.schema import Metric, Tag
 
 
 def user_message(row: FinetuneRow) -> str:
@@ -56,10 +57,11 @@ class TrainingDiverged(HarnessError):
 class MlflowStepLogger(TrainerCallback):
     """Sends the Trainer's per-step logs to the fine-tune run under the harness's metric names."""
 
-    RENAME = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss"}
+    RENAME = {"loss": Metric.TRAIN_LOSS, "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+              "eval_loss": Metric.EVAL_LOSS}
     # Format-vs-content losses (harness.loss_classes) keep their names.
     RENAME.update({name: name for name in (
-        "train_loss_format", "train_loss_content", "train_tokens_format", "train_tokens_content",
+        Metric.TRAIN_LOSS_FORMAT, Metric.TRAIN_LOSS_CONTENT, "train_tokens_format", "train_tokens_content",
         "eval_loss_format", "eval_loss_content",
     )})
 
@@ -79,12 +81,12 @@ class MlflowStepLogger(TrainerCallback):
             self.run.log_metrics(fresh, step=state.global_step)
         # A non-finite gradient norm poisons the weights at that step even while the reported loss is still
         # finite (seen on the GPU in ProMoT stage 1, issue 12); the loss shows it only one step later.
-        for name in ("train_loss", "grad_norm"):
+        for name in (Metric.TRAIN_LOSS, "grad_norm"):
             value = metrics.get(name)
             if value is not None and not math.isfinite(value):
                 raise TrainingDiverged(f"{name} became {value} at step {state.global_step}: the weights are no "
                                        "longer finite, so this fine-tune is stopped")
-        if "train_loss" in metrics:
+        if Metric.TRAIN_LOSS in metrics:
             faults.reached("train_step")
 
 
@@ -130,7 +132,7 @@ def train_sft(
     eval_dataset = class_dataset(tokenizer, val_rows, max_length=cfg.max_length) if val_rows else None
     batch_size, grad_accum = cfg.batch_size, cfg.grad_accum
     optim, optimizer_tag = resolve_optimizer(cfg.optimizer)
-    run.set_tags({"harness.optimizer": optimizer_tag})
+    run.set_tags({Tag.OPTIMIZER.key: optimizer_tag})
     if fast:  # packed: fewer, fuller forward passes for the same examples a step (see merge_accumulation)
         lengths = [len(ids) for ids in train_dataset["input_ids"]]
         batch_size, grad_accum = merge_accumulation(lengths, cfg.batch_size, cfg.grad_accum, cfg.max_length)

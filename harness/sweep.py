@@ -41,10 +41,11 @@ from harness.config import (
     ExperimentConfig, Float, Format, Int, Strict, _one_line, config_hash, parse_config, read_yaml, safe_name,
 )
 from harness.errors import HarnessError
+from tracking.schema import (HARMFUL_MIX, WIKIHOW, ExperimentTag, Kind, Metric, Tag, judge_name, loads_tag,
+                             of_current_selection)
 
-OBJECTIVES = ("asr", "sbert")
+OBJECTIVES = (Metric.ASR.value, Metric.SBERT.value)  # plain strings: Optuna stores them as the study's metric names
 DIRECTIONS = ("minimize", "maximize")  # ASR down (safer), S-BERT up (more useful)
-HARMFUL_BENCHMARK, TASK_BENCHMARK = "harmful_mix", "wikihow"  # the pipeline's benchmark tags
 FIXED_TRAIN_FIELDS = ("train.methods", "train.quantize_4bit")  # set by the sweep / fixed by the loaded model
 
 
@@ -395,17 +396,18 @@ class Sweep:
         unit = {"optuna_study": self.study_name}
         digest = config_hash(unit)
         with study_lock(self.url, self.study_name, "sweep-run"):
-            runs = self.tracker.unit_runs("sweep", digest)
+            runs = self.tracker.unit_runs(Kind.SWEEP, digest)
             if runs:
                 run_id = runs[0].info.run_id
                 self.tracker.client.update_run(run_id, status="RUNNING")
             else:
-                tags = {"harness.kind": "sweep", "harness.study": self.cfg.name, "harness.config_hash": digest,
-                        "harness.model": self.cfg.model, "harness.dataset": self.cfg.data.task,
-                        "harness.format": self.sweep.format, "harness.method": self.sweep.method,
-                        "harness.git_commit": provenance()["git"]["commit"], "harness.owner": _owner()}
-                run_id = self.tracker.client.create_run(self.tracker.experiment_id, run_name=f"sweep-{self.study_name}",
-                                                        tags=tags).info.run_id
+                tags = {Tag.KIND: Kind.SWEEP, Tag.STUDY: self.cfg.name, Tag.CONFIG_HASH: digest,
+                        Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task,
+                        Tag.FORMAT: self.sweep.format, Tag.METHOD: self.sweep.method,
+                        Tag.GIT_COMMIT: provenance()["git"]["commit"], Tag.OWNER: _owner()}
+                run_id = self.tracker.client.create_run(
+                    self.tracker.experiment_id, run_name=f"sweep-{self.study_name}",
+                    tags={name.key: str(value) for name, value in tags.items()}).info.run_id
             self.sweep_run = RunHandle(self.tracker.client, run_id)
             resolved = {"sweep": {**self.sweep.model_dump(mode="json"), "storage": redact(self.url),
                                   "study_name": self.study_name, "judge": self.judge, "n_trials": self.sweep.trials},
@@ -414,10 +416,10 @@ class Sweep:
                 self.sweep_run.log_params(flatten(resolved))
                 self.sweep_run.log_dict(resolved, "sweep_config.json")
                 self.sweep_run.log_dict(provenance(), "provenance.json")
-            self.sweep_run.set_tags({"harness.sampler": self.sweep.sampler, "harness.sampler_seed": self.sweep.seed,
-                                     "harness.optuna_study": self.study_name, "harness.optuna_storage": redact(self.url),
-                                     "harness.optuna_version": optuna.__version__, "harness.judge": self.judge,
-                                     "harness.n_trials": self.sweep.trials})
+            self.sweep_run.set_tags({Tag.SAMPLER.key: self.sweep.sampler, Tag.SAMPLER_SEED.key: self.sweep.seed,
+                                     Tag.OPTUNA_STUDY.key: self.study_name, Tag.OPTUNA_STORAGE.key: redact(self.url),
+                                     Tag.OPTUNA_VERSION.key: optuna.__version__, Tag.JUDGE.key: self.judge,
+                                     Tag.N_TRIALS.key: self.sweep.trials})
         self.study.set_user_attr("mlflow_sweep_run_id", run_id)
         self.study.set_user_attr("mlflow_experiment_id", self.tracker.experiment_id)
         self.study.set_user_attr("mlflow_tracking_uri", redact(self.tracker.tracking_uri))
@@ -436,27 +438,19 @@ class Sweep:
                 refs["sft"] = self.objectives(hashes)
             if self.sweep.method == "promot":
                 for seed in self.cfg.seeds:
-                    self.runner.stage1_prompt(self.sweep_run, {"model": self.cfg.model, "dataset": self.cfg.data.task,
-                                                               "format": self.sweep.format, "method": "promot", "seed": seed})
+                    self.runner.stage1_prompt(self.sweep_run, {Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task,
+                                                               Tag.FORMAT: self.sweep.format, Tag.METHOD: "promot",
+                                                               Tag.SEED: seed})
         self.references = refs
         for name, values in refs.items():
             self.sweep_run.log_metrics({f"reference_{name}_{key}": values[key]
                                         for key in ("asr", "sbert", "asr_std", "sbert_std", "asr_n")})
 
     def base_reference(self) -> dict:
-        """The base model's evaluation unit (as `harness run` makes it), reused if FINISHED anywhere in the study."""
-        runner = self.runner
-        unit = runner.base_unit()
-        done = self.tracker.finished("checkpoint", config_hash(unit))
-        if done is None:
-            tags = {"model": self.cfg.model, "method": "base", "epoch": 0}
-            with self.tracker.run("checkpoint", "base", tags, parent=self.sweep_run, config=unit,
-                                  config_hash=config_hash(unit)) as run:
-                run.log_dict({"datasets": runner.data.checksums}, "datasets.json")
-                runner.evaluate_state(run, unit, tags, score_formats=self.cfg.data.formats,
-                                      label=("base", "-", None, 0), state=runner.base_state())
-            done = self.tracker.finished("checkpoint", config_hash(unit))
-        return self.checkpoint_objectives([done])
+        """The base model's evaluation unit (as `harness run` makes it), reused if FINISHED anywhere in the study
+        and evaluated on whatever it lacks."""
+        run_id = self.runner.evaluate_base(parent=self.sweep_run)
+        return self.checkpoint_objectives([self.tracker.client.get_run(run_id)])
 
     # -- objectives ---------------------------------------------------------------------------------------
     def checkpoint_objectives(self, checkpoints: list) -> dict:
@@ -464,21 +458,28 @@ class Sweep:
         every seed, decoding setting and repeat; the spread is reported beside the mean."""
         from harness.pipeline import children
 
+        current = loads_tag(self.tracker.experiment_tag(ExperimentTag.CURRENT_SELECTION))
+        decodings = {(str(d.temperature), None if d.min_p is None else str(d.min_p)) for d in self.cfg.eval.decoding}
         asr, sbert = [], []
         for checkpoint in checkpoints:
             for run in children(self.tracker, checkpoint):
                 tags = run.data.tags
-                if run.info.status != "FINISHED" or tags.get("harness.soft_prompt") == "True":
+                if run.info.status != "FINISHED" or tags.get(Tag.SOFT_PROMPT.key) == "True":
                     continue
-                if tags.get("harness.benchmark") == HARMFUL_BENCHMARK and tags.get("harness.judge", "").split(":")[0] == self.judge:
-                    asr.append(run.data.metrics["asr"])
-                elif tags.get("harness.benchmark") == TASK_BENCHMARK and tags.get("harness.format") == self.sweep.format:
-                    sbert.append(run.data.metrics["sbert"])
+                # only what this config evaluates: its prompt selection and decodings, not a grown study's others
+                if not of_current_selection(tags, current) or \
+                        (tags.get(Tag.TEMPERATURE.key), tags.get(Tag.MIN_P.key)) not in decodings:
+                    continue
+                benchmark = tags.get(Tag.BENCHMARK.key)
+                if benchmark == HARMFUL_MIX and judge_name(tags.get(Tag.JUDGE.key)) == self.judge:
+                    asr.append(run.data.metrics[Metric.ASR])
+                elif benchmark == WIKIHOW and tags.get(Tag.FORMAT.key) == self.sweep.format:
+                    sbert.append(run.data.metrics[Metric.SBERT])
         if not asr or not sbert:
             raise HarnessError(f"no FINISHED {'ASR' if not asr else 'S-BERT'} evaluation under checkpoint(s) "
                                f"{', '.join(run.info.run_id for run in checkpoints)}")
         result: dict[str, Any] = {}
-        for name, values in (("asr", asr), ("sbert", sbert)):
+        for name, values in zip(OBJECTIVES, (asr, sbert)):
             result[name] = statistics.fmean(values)
             result[f"{name}_std"] = statistics.pstdev(values)
             result[f"{name}_min"], result[f"{name}_max"] = min(values), max(values)
@@ -491,11 +492,11 @@ class Sweep:
 
         checkpoints, finetunes = [], []
         for unit in units:
-            finetune = self.tracker.finished("finetune", config_hash(unit))
+            finetune = self.tracker.finished(Kind.FINETUNE, config_hash(unit))
             if finetune is None:
                 raise HarnessError(f"fine-tune {config_hash(unit)} did not finish")
-            found = descendants(self.tracker, finetune, "checkpoint")
-            checkpoints.append(max(found, key=lambda run: int(run.data.tags.get("harness.epoch", 0))))
+            found = descendants(self.tracker, finetune, Kind.CHECKPOINT)
+            checkpoints.append(max(found, key=lambda run: int(run.data.tags.get(Tag.EPOCH.key, 0))))
             finetunes.append(finetune.info.run_id)
         return {**self.checkpoint_objectives(checkpoints), "finetune_runs": ",".join(finetunes)}
 
@@ -539,15 +540,15 @@ class Sweep:
         retry_of = self.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or None
         shown = ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())
         print(f"trial {trial.number} ({shown}){' retrying trial ' + str(retry_of[-1]) if retry_of else ''}", flush=True)
-        tags = {"model": cfg.model, "dataset": cfg.data.task, "format": self.sweep.format, "method": self.sweep.method,
-                "trial_number": trial.number, "optuna_study": self.study_name}
+        tags = {Tag.MODEL: cfg.model, Tag.DATASET: cfg.data.task, Tag.FORMAT: self.sweep.format,
+                Tag.METHOD: self.sweep.method, Tag.TRIAL_NUMBER: trial.number, Tag.OPTUNA_STUDY: self.study_name}
         # Sampled values are logged as `optuna.<path>` params below; the unit's own key must not collide with them.
         unit = {**cfg.resolved(), "trial": {"study": self.study_name, "number": trial.number, "params": params}}
-        with self.tracker.run("trial", f"trial-{trial.number}", tags, parent=self.sweep_run, config=unit,
+        with self.tracker.run(Kind.TRIAL, f"trial-{trial.number}", tags, parent=self.sweep_run, config=unit,
                               config_hash=config_hash({"optuna_study": self.study_name, "trial": trial.number})) as run:
             trial.set_user_attr("mlflow_run_id", run.run_id)
-            run.set_tags({"harness.optuna_trial_id": trial._trial_id, "harness.worker": self.worker_id,
-                          "harness.retry_of": retry_of[-1] if retry_of else None})
+            run.set_tags({Tag.OPTUNA_TRIAL_ID.key: trial._trial_id, Tag.WORKER.key: self.worker_id,
+                          Tag.RETRY_OF.key: retry_of[-1] if retry_of else None})
             run.log_params({f"optuna.{name}": value for name, value in params.items()})
             self.runner.cfg = cfg
             try:
@@ -559,7 +560,7 @@ class Sweep:
                 self.runner.cfg = self.cfg
                 self.runner.summary = []
             run.log_metrics({key: value for key, value in result.items() if isinstance(value, (int, float))})
-            run.set_tags({"harness.trial_state": "COMPLETE", "harness.finetune_runs": result["finetune_runs"]})
+            run.set_tags({Tag.TRIAL_STATE.key: "COMPLETE", Tag.FINETUNE_RUNS.key: result["finetune_runs"]})
         for key, value in result.items():
             trial.set_user_attr(key, value)
         print(f"trial {trial.number}: asr {result['asr']:.3f} (sd {result['asr_std']:.3f}), "
@@ -593,8 +594,8 @@ class Sweep:
             run = self.tracker.client.get_run(frontier.pop())
             frontier += [child.info.run_id for child in children(self.tracker, run)]
             if run.info.status == "RUNNING":
-                self.tracker.client.set_tag(run.info.run_id, "harness.error", reason)
-                self.tracker.client.set_tag(run.info.run_id, "harness.trial_state", "FAIL")
+                self.tracker.client.set_tag(run.info.run_id, Tag.ERROR.key, reason)
+                self.tracker.client.set_tag(run.info.run_id, Tag.TRIAL_STATE.key, "FAIL")
                 self.tracker.client.set_terminated(run.info.run_id, "FAILED")
 
     def recover(self) -> None:

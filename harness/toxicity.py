@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from harness.errors import HarnessError
+from tracking.schema import Metric
 
 _log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def make_scorer(cfg, cache_path: str | os.PathLike | None = None) -> ToxicitySco
 def toxicity_metrics(scores: list[float | None]) -> dict[str, float]:
     """`toxicity_mean` and `toxicity_max` over the scored replies; unscorable ones counted, not averaged in."""
     values = [value for value in scores if value is not None]
-    metrics = {"toxicity_failures": float(len(scores) - len(values)), "n_prompts": float(len(scores))}
+    metrics = {Metric.TOXICITY_FAILURES: float(len(scores) - len(values)), Metric.N_PROMPTS: float(len(scores))}
     if values:
-        metrics.update(toxicity_mean=sum(values) / len(values), toxicity_max=max(values))
+        metrics.update({Metric.TOXICITY_MEAN: sum(values) / len(values), Metric.TOXICITY_MAX: max(values)})
     return metrics

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from helpers import tiny_llama
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,19 +13,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_llama(tokenizer, seed: int = 0):
-    """A 2-layer random Llama over a real tokenizer's vocabulary: real token ids, millisecond forwards."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture

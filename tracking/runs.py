@@ -7,9 +7,10 @@ an artifact; an interrupted one is KILLED: no half-made run is ever left looking
 
 Units are idempotent (issue 8): a run is identified by its kind, its `harness.config_hash` and its parent.
 `finished()` finds a FINISHED one, which callers skip. `run()` on a unit that has unfinished runs (FAILED,
-KILLED, or RUNNING in a process that died) reattaches to the newest when the kind has children (finetune,
-stage, checkpoint, sweep, trial: their finished children stay valid), and replaces it otherwise (an
-evaluation is redone from the generation cache; the old run is deleted, so searches never see it).
+KILLED, or RUNNING in a process that died) reattaches to the newest when the kind has children
+(`schema.PARENT_KINDS`: sweep, trial, finetune, stage, checkpoint; their finished children stay valid), and
+replaces it otherwise (a leaf such as a generation or an evaluation is redone; the old run is deleted, so
+searches never see it). Kinds and tag names come from `tracking/schema.py`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from mlflow.entities import Metric, Param, RunTag
 
 from harness.errors import HarnessError
 from tracking.provenance import provenance
+from tracking.schema import PARENT_KINDS, PREFIX, ExperimentTag, Kind, Tag
 from tracking.store import default_artifact_location, resolve_tracking_uri
 
-KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint", "evaluation", "judge_validation", "dataset", "report")
-REATTACHED_KINDS = ("sweep", "trial", "finetune", "stage", "checkpoint")  # kinds whose runs have children
-TAG_PREFIX = "harness."
+KINDS = tuple(Kind)
+REATTACHED_KINDS = PARENT_KINDS  # kinds whose runs have children; every other kind is a leaf
+TAG_PREFIX = PREFIX
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
 
@@ -80,12 +82,13 @@ class RunHandle:
 
     def last_step(self, metric: str) -> int | None:
         """The highest step already logged for `metric` (a reattached run continues after it)."""
-        history = self.client.get_metric_history(self.run_id, metric)
+        history = self.client.get_metric_history(self.run_id, str(metric))
         return max((point.step for point in history), default=None)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        # str(): a `schema.Metric` / `schema.Tag` key is a StrEnum member; MLflow is given the plain name.
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
+        batch = [Metric(str(key), float(value), now, step) for key, value in metrics.items() if value is not None]
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
@@ -95,7 +98,7 @@ class RunHandle:
             self.client.log_batch(self.run_id, params=batch[start : start + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        batch = [RunTag(key, str(value)) for key, value in tags.items() if value is not None]
+        batch = [RunTag(str(key), str(value)) for key, value in tags.items() if value is not None]
         if batch:
             self.client.log_batch(self.run_id, tags=batch)
 
@@ -148,16 +151,16 @@ class Tracker:
         """
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
-        all_tags = {f"{TAG_PREFIX}kind": kind, f"{TAG_PREFIX}study": self.study}
+        all_tags = {Tag.KIND.key: kind, Tag.STUDY.key: self.study}
         all_tags.update({f"{TAG_PREFIX}{key}": value for key, value in tags.items() if value is not None})
         if config_hash:
-            all_tags[f"{TAG_PREFIX}config_hash"] = config_hash
+            all_tags[Tag.CONFIG_HASH.key] = config_hash
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         info = provenance()
-        all_tags[f"{TAG_PREFIX}git_commit"] = info["git"]["commit"]
-        all_tags[f"{TAG_PREFIX}version"] = info["packages"].get("harness", "unknown")
-        all_tags[f"{TAG_PREFIX}owner"] = _owner()
+        all_tags[Tag.GIT_COMMIT.key] = info["git"]["commit"]
+        all_tags[Tag.VERSION.key] = info["packages"].get("harness", "unknown")
+        all_tags[Tag.OWNER.key] = _owner()
         handle = self._reattach(kind, config_hash, parent, all_tags, restart) if config_hash else None
         if handle is None:
             created = self.client.create_run(
@@ -171,12 +174,12 @@ class Tracker:
             handle.log_dict(info, "provenance.json")
             yield handle
         except KeyboardInterrupt:
-            handle.set_tags({f"{TAG_PREFIX}error": "interrupted"})
+            handle.set_tags({Tag.ERROR.key: "interrupted"})
             self.client.set_terminated(handle.run_id, "KILLED")
             raise
         except BaseException as error:
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:500] if str(error) else type(error).__name__
-            handle.set_tags({f"{TAG_PREFIX}error": reason})
+            handle.set_tags({Tag.ERROR.key: reason})
             handle.log_text(traceback.format_exc(), "traceback.txt")
             self.client.set_terminated(handle.run_id, "FAILED")
             raise
@@ -190,6 +193,19 @@ class Tracker:
         self.client.set_experiment_tag(self.experiment_id, key, value)
 
     @staticmethod
+    def schema_version(study: str, tracking_uri: str | None = None) -> str | None:
+        """The run schema a study was made with (`ExperimentTag.SCHEMA_VERSION`); "1" for a study made before
+        versions were recorded, None for a study not in the store (nothing is created to find out)."""
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        experiment = client.get_experiment_by_name(study)
+        if experiment is None:
+            return None
+        recorded = experiment.tags.get(ExperimentTag.SCHEMA_VERSION)
+        if recorded is None and client.search_runs([experiment.experiment_id], max_results=1):
+            return "1"
+        return recorded
+
+    @staticmethod
     def next_version(study: str, tracking_uri: str | None = None) -> str:
         """The first unused `STUDY-vN` (N >= 2): a new version of a study whose data changed."""
         client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
@@ -201,7 +217,7 @@ class Tracker:
     def unit_runs(self, kind: str, config_hash: str, parent: RunHandle | None = None) -> list:
         """Every (non-deleted) run of one unit, newest first."""
         runs = self.search(
-            f"tags.`{TAG_PREFIX}kind` = '{kind}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'"
+            f"tags.`{Tag.KIND.key}` = '{kind}' and tags.`{Tag.CONFIG_HASH.key}` = '{config_hash}'"
         )
         if parent is not None:
             runs = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.run_id]
@@ -218,9 +234,9 @@ class Tracker:
         if any(run.info.status == "FINISHED" for run in runs):
             raise HarnessError(f"{kind} unit {config_hash} already has a FINISHED run; it should have been skipped")
         for run in runs:
-            if run.info.status == "RUNNING" and _owner_alive(run.data.tags.get(f"{TAG_PREFIX}owner")):
+            if run.info.status == "RUNNING" and _owner_alive(run.data.tags.get(Tag.OWNER.key)):
                 raise HarnessError(
-                    f"{kind} unit {config_hash} is being run by process {run.data.tags[f'{TAG_PREFIX}owner']} "
+                    f"{kind} unit {config_hash} is being run by process {run.data.tags[Tag.OWNER.key]} "
                     f"(run {run.info.run_id}); wait for it or stop it first"
                 )
         keep = runs[0] if runs and kind in REATTACHED_KINDS and not restart else None
@@ -229,12 +245,12 @@ class Tracker:
                 self._delete_with_descendants(run.info.run_id)
         if keep is None:
             return None
-        attempt = int(keep.data.tags.get(f"{TAG_PREFIX}attempt", "1")) + 1
+        attempt = int(keep.data.tags.get(Tag.ATTEMPT.key, "1")) + 1
         self.client.update_run(keep.info.run_id, status="RUNNING")
         handle = RunHandle(self.client, keep.info.run_id, attempt=attempt)
-        handle.set_tags({**tags, f"{TAG_PREFIX}attempt": attempt})
-        if f"{TAG_PREFIX}error" in keep.data.tags:  # the earlier attempt's failure no longer describes this run
-            self.client.delete_tag(keep.info.run_id, f"{TAG_PREFIX}error")
+        handle.set_tags({**tags, Tag.ATTEMPT.key: attempt})
+        if Tag.ERROR.key in keep.data.tags:  # the earlier attempt's failure no longer describes this run
+            self.client.delete_tag(keep.info.run_id, Tag.ERROR.key)
         return handle
 
     def _delete_with_descendants(self, run_id: str) -> None:
@@ -244,5 +260,5 @@ class Tracker:
         self.client.delete_run(run_id)
 
     def search(self, filter_string: str = "", max_results: int = 10000) -> list:
-        """Runs of this study matching an MLflow filter (e.g. `tags.\"harness.kind\" = 'evaluation'`)."""
+        """Runs of this study matching an MLflow filter (e.g. `schema.tag_filter(kind=Kind.EVALUATION)`)."""
         return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_end_to_end import of_kind, run_study, tag
+from helpers import of_kind, run_study, tag
 
 pytestmark = pytest.mark.e2e
 

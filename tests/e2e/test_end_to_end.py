@@ -5,18 +5,16 @@ store back the way a user's query would, through tags.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from helpers import of_kind, run_cli, run_study, tag
+
 pytestmark = pytest.mark.e2e
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
 FORMATS = ["prose", "list", "json"]
 EPOCHS = 2
 
@@ -41,34 +39,9 @@ TINY_STUDY = {
 }
 
 
-def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(HARNESS + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-
-
-def tag(run, name):
-    return run.data.tags.get(f"harness.{name}")
-
-
-def run_study(workdir: Path, study: dict):
-    """`harness run` on `study` in `workdir`; the CLI result, a client on its store and all its runs."""
-    config = workdir / "study.yaml"
-    config.write_text(yaml.safe_dump(study))
-    done = run_cli(["run", str(config)], cwd=workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(study["name"])
-    return done, client, client.search_runs([experiment.experiment_id], max_results=1000)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     return run_study(tmp_path_factory.mktemp("study"), TINY_STUDY)
-
-
-def of_kind(runs, kind):
-    return [run for run in runs if tag(run, "kind") == kind]
 
 
 def test_cli_prints_summary_and_ui_command(study):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tracking.provenance import archived_commit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def git(*args, cwd, **kwargs):

@@ -219,7 +219,7 @@ def test_run_with_corrupt_data_is_one_line_and_creates_no_run(tmp_path):
     assert_one_line_error(invoke("check", config), "data: ", str(broken), "not UTF-8")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "experiments").glob("*.yaml")),
                          ids=lambda path: path.name)
 def test_every_shipped_experiment_prepares_its_data_or_names_its_hub_only_dataset(path):
     """A shipped study must run as it stands: its data selection fits the local data (format_safety.yaml once

@@ -3,7 +3,6 @@ non-zero exit), never a traceback, a silently-kept value or a run: bytes that ar
 inf/NaN, true/false for a number, an unknown LR schedule, empty or repeated lists, and unsafe study names."""
 
 import math
-import os
 import subprocess
 import sys
 import typing
@@ -16,21 +15,13 @@ from pydantic import BaseModel, ValidationError
 from harness.config import ExperimentConfig, JudgeConfig, load_config, parse_config
 from harness.errors import HarnessError
 from harness.sweep import SweepConfig, load_sweep
-from test_config import nested_models
+
+from helpers import nested_models, write
 
 BASE = {"name": "x", "model": "m"}
 SWEEP = {"name": "unit-sweep", "model": "m", "data": {"formats": ["prose"]},
          "sweep": {"sampler": "grid", "grid": {"train.learning_rate": [5.0e-5, 1.0e-4]}}}
 REQUIRED = {ExperimentConfig: BASE, JudgeConfig: {"name": "keyword"}}
-
-
-def write(tmp_path: Path, data: dict | str | bytes, name: str = "exp.yaml") -> Path:
-    path = tmp_path / name
-    if isinstance(data, bytes):
-        path.write_bytes(data)
-    else:
-        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 def one_line_error(load, path: Path, *expected: str) -> str:
@@ -308,45 +299,8 @@ def test_an_unsafe_study_name_is_refused(tmp_path, name):
 
 def test_safe_study_names_are_accepted():
     """Guard: every study name the shipped configs and the tests use (and an empty one is still refused)."""
-    shipped = {yaml.safe_load(path.read_text())["name"] for path in (Path(__file__).parent.parent / "experiments").glob("*.yaml")}
+    shipped = {yaml.safe_load(path.read_text())["name"] for path in (Path(__file__).parents[2] / "experiments").glob("*.yaml")}
     for name in shipped | {"x", "e2e", "e2e-promot", "unit-sweep", "pg-sweep", "x-v2", "A.b_c-1"}:
         assert parse_config({**BASE, "name": name}).name == name
     with pytest.raises(HarnessError, match="name"):
         parse_config({**BASE, "name": ""})
-
-
-# -- the command line -----------------------------------------------------------------------------------------
-
-CLI = Path(sys.executable).with_name("harness")
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [str(CLI)] if CLI.is_file() else [sys.executable, "-m", "harness.cli"]
-    return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def assert_one_line_and_nothing_made(done: subprocess.CompletedProcess, cwd: Path, *expected: str) -> None:
-    assert done.returncode != 0, done.stdout[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
-    for part in expected:
-        assert part in lines[0], lines[0]
-    assert sorted(p.name for p in cwd.iterdir()) == ["exp.yaml"], "the command created files (a run?)"
-
-
-@pytest.mark.parametrize("content, expected", [
-    ("name: x\nmodel: m\n# caf\u00e9\n".encode("latin-1"), ["exp.yaml: line 3 is not UTF-8"]),
-    ("name: x\nmodel: m\ntrain:\n  batch_size: 4\n  batch_size: 8\n", ["exp.yaml: line 5", "duplicate key 'batch_size'"]),
-    ("name: ../../x\nmodel: m\n", ["name: Value error, study name '../../x'"]),
-], ids=["not-utf8", "duplicate-key", "unsafe-name"])
-def test_harness_check_prints_one_line(tmp_path, content, expected):
-    path = write(tmp_path, content)
-    assert_one_line_and_nothing_made(run_cli(["check", str(path)], tmp_path), tmp_path, *expected)
-
-
-def test_harness_run_with_an_infinite_learning_rate_starts_nothing(tmp_path):
-    path = write(tmp_path, "name: x\nmodel: m\ntrain:\n  learning_rate: .inf\n")
-    assert_one_line_and_nothing_made(run_cli(["run", str(path)], tmp_path), tmp_path,
-                                     "train.learning_rate: Input should be a finite number")

@@ -21,11 +21,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from test_end_to_end import of_kind, tag
+from helpers import of_kind, tag
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRID = [1.0e-4, 2.0e-4, 3.0e-4, 5.0e-4]
 STUDY = {
     "name": "pg-sweep",

@@ -19,11 +19,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from test_end_to_end import of_kind, run_cli, tag
+from helpers import of_kind, run_cli, tag
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "quickstart_sweep.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "quickstart_sweep.yaml"
 SETTINGS = yaml.safe_load(CONFIG.read_text())
 GRID = sorted(SETTINGS["sweep"]["grid"]["train.learning_rate"])
 NAME = SETTINGS["name"]

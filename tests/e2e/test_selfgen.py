@@ -9,7 +9,7 @@ import yaml
 from mlflow import MlflowClient
 
 from harness import data
-from test_end_to_end import run_cli, tag
+from helpers import run_cli, tag
 
 pytestmark = pytest.mark.e2e
 

@@ -1,16 +1,16 @@
 """The experiment config: paper defaults, one-line errors that name the bad field, shipped YAMLs resolve."""
 
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from harness.config import ExperimentConfig, config_hash, load_config, parse_config
 from harness.errors import HarnessError
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+from helpers import nested_models
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def write(tmp_path: Path, data: dict | str) -> Path:
@@ -30,15 +30,6 @@ def test_defaults_are_study_b_table_3():
     assert cfg.data.formats == ["prose", "list", "json"]
     assert cfg.eval.decoding[0].temperature == 0
     assert cfg.eval.judges[0].name == "keyword"
-
-
-def nested_models(annotation) -> typing.Iterator[type[BaseModel]]:
-    """The config models inside a field's type, however wrapped: X, list[X], X | None, dict[str, X], Annotated[X, ...]."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-        return
-    for arg in typing.get_args(annotation):
-        yield from nested_models(arg)
 
 
 def walk_fields(model_cls, path=""):

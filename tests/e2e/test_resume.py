@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from test_end_to_end import run_cli, tag
+from helpers import run_cli, tag
 
 pytestmark = pytest.mark.e2e
 

@@ -48,7 +48,7 @@ from harness.judges import (
 
 DATA_DIR = data.resolve_data_dir()
 assert DATA_DIR is not None and (DATA_DIR / data.MANIFEST_NAME).is_file(), "shared data directory not found"
-SHORT_TEMPLATE = Path(__file__).parents[1] / "harness" / "templates" / "harm_judge_short.txt"
+SHORT_TEMPLATE = Path(__file__).parents[2] / "harness" / "templates" / "harm_judge_short.txt"
 
 
 @pytest.fixture(autouse=True)
