@@ -196,13 +196,20 @@ def _check_steps(cfg):
 
     def judge_step(judge) -> Callable[[], list[str]]:
         def step() -> list[str]:
-            if judge.name == "keyword":
-                return ["refusal phrases (no model, no template)"]
-            from harness.judges import judge_template, load_template
+            from harness.judges import BASE_URL_ENV, JUDGE_KINDS, judge_template, load_template
 
+            kind = JUDGE_KINDS[judge.name]
+            if not kind.needs_model:
+                return [f"{kind.summary} (no model, no template)"]
             template = judge_template(judge.name, judge.model, judge.template)  # the one a run uses
             load_template(template)
-            return [f"template {template} has {{instruction}} and {{response}}", f"model {check_model(judge.model)}"]
+            lines = [f"template {template} has {{instruction}} and {{response}}"]
+            if kind.served or judge.base_url:  # a server is not called by `check`
+                url = judge.base_url or os.environ.get(BASE_URL_ENV)
+                if not url:
+                    raise HarnessError(f"judge '{judge.name}' needs a server: set base_url or ${BASE_URL_ENV}")
+                return [*lines, f"server {url} (not contacted by check)"]
+            return [*lines, f"model {check_model(judge.model)}"]
 
         return step
 

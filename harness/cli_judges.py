@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -14,54 +13,40 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, one_line_errors
+from harness.judges import MODEL_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Not a terminal (CI logs, pipes): rich would wrap the wide table at 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
-JUDGE_NAMES = ("keyword", "llm", "fulfilment", "http")
-
 
 
 def build_judges(names, *, model, template, fulfilment_template, url, threshold, max_new_tokens, batch_size,
                  quantize_4bit):
-    """The requested judges; a local judge model is loaded once and shared by `llm` and `fulfilment`."""
-    from harness import judges as j
+    """The requested judges, built by the one judge factory (`judges.build_judge`) from the options as a run's
+    `eval.judges` entries would give them; a local judge model is loaded once and shared by `llm` and
+    `fulfilment`, and with --judge-url every judge that has a model asks the server instead."""
+    from pydantic import ValidationError
 
-    unknown = [n for n in names if n not in JUDGE_NAMES]
-    if unknown:
-        raise HarnessError(f"unknown judge '{unknown[0]}'; choose from: {', '.join(JUDGE_NAMES)}")
+    from harness.config import JudgeConfig
+    from harness.judges import JudgeModels, build_judge
 
-    @functools.cache
-    def local_complete():
-        if not model:
-            raise HarnessError("the llm and fulfilment judges need --judge-model (alias, hub id or path)")
-        from harness.generation import generate_responses
-        from harness.models import load_model
-
-        loaded, tokenizer = load_model(model, quantize_4bit=quantize_4bit)
-        return lambda conversations: generate_responses(
-            loaded, tokenizer, conversations, temperature=0.0, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, desc="judging",
-        )
-
+    if "fulfilment" in names and url and not (model or os.environ.get(MODEL_ENV)):
+        raise HarnessError(f"the fulfilment judge on --judge-url needs --judge-model or ${MODEL_ENV}")
+    local_models = JudgeModels(batch_size)
     built = []
     for name in dict.fromkeys(names):
-        if name == "keyword":
-            built.append(j.KeywordJudge())
-        elif name == "llm":
-            built.append(j.LLMJudge(local_complete(), template_path=template, threshold=threshold, model_name=model))
-        elif name == "http":
-            built.append(j.HTTPJudge(model=model, base_url=url, template_path=template, threshold=threshold,
-                                     max_tokens=max_new_tokens))
-        elif url:  # fulfilment, asked of the server
-            server_model = model or os.environ.get(j.MODEL_ENV)
-            if not server_model:
-                raise HarnessError(f"the fulfilment judge on --judge-url needs --judge-model or ${j.MODEL_ENV}")
-            api_key = next((os.environ[e] for e in j.API_KEY_ENVS if os.environ.get(e)), None)
-            complete = j.openai_chat_complete(url, server_model, api_key=api_key, max_tokens=max_new_tokens)
-            built.append(j.FulfilmentJudge(complete, template_path=fulfilment_template, model_name=server_model))
-        else:
-            built.append(j.FulfilmentJudge(local_complete(), template_path=fulfilment_template, model_name=model))
+        served = url if name != "keyword" else None
+        settings = {"name": name, "model": model or (os.environ.get(MODEL_ENV) if served and name != "http" else None),
+                    "base_url": served, "threshold": threshold, "max_new_tokens": max_new_tokens,
+                    "quantize_4bit": quantize_4bit,
+                    "template": fulfilment_template if name == "fulfilment" else template}
+        try:
+            config = JudgeConfig(**{key: value for key, value in settings.items() if value is not None})
+        except ValidationError as error:
+            problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+            problem = problem.replace(f"the '{name}' judge needs 'model'", "judges with a local model need --judge-model")
+            raise HarnessError(f"--judge {name}: {problem}") from None
+        built.append(build_judge(config, local_models))
     return built
 
 

@@ -24,12 +24,13 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
+
 from harness.errors import HarnessError
 
 Format = Literal["prose", "list", "json"]
 Method = Literal["sft", "promot"]
 Optimizer = Literal["adamw_torch", "adamw_bnb_8bit"]
-SORRY_BENCH_JUDGE = "sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A study (or Optuna study) name: it becomes a folder under output_dir, so no '/', no leading dot, no blanks."""
 
@@ -308,12 +309,18 @@ class DataConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    name: Literal["keyword", "llm", "fulfilment"]
-    """Which judge: 'keyword' (refusal phrases), 'llm' (a model scores harm 1-5) or 'fulfilment' (SORRY-Bench
-    style: does the reply fulfil the unsafe request, 1/0; its share is `fulfilment_rate`, Study A)."""
+    name: str
+    """Which judge, by its name in the judge registry (`harness.judges.JUDGE_KINDS`): 'keyword' (refusal
+    phrases), 'llm' (a model scores harm 1-5), 'fulfilment' (SORRY-Bench style: does the reply fulfil the unsafe
+    request, 1/0; its share is `fulfilment_rate`, Study A) or 'http' (the 'llm' rubric on an OpenAI-compatible
+    server)."""
     model: str | None = None
     """Judge model: alias, hub id or local path (Study B: Llama-3.1-8B-Instruct; 'fulfilment' defaults to
-    SORRY-Bench's fine-tuned judge, sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406)."""
+    SORRY-Bench's fine-tuned judge, sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406); with
+    `base_url` or 'http', the served model's name ('http' default: $HARNESS_JUDGE_MODEL)."""
+    base_url: str | None = None
+    """Ask the judge's model on an OpenAI-compatible server (vLLM, a hosted API) instead of loading it ('http'
+    default: $HARNESS_JUDGE_BASE_URL). The API key is read only from the environment, never from a config."""
     template: Path | None = None
     """Template with {instruction} and {response}; default: the harness's rubric ('llm'), SORRY-Bench's judge
     prompt (the SORRY-Bench judge model) or the harness's fulfilment rubric (any other 'fulfilment' model)."""
@@ -324,12 +331,20 @@ class JudgeConfig(Strict):
     quantize_4bit: bool = False
     """Load the judge in 4-bit (GPU only)."""
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in JUDGE_KINDS:
+            raise ValueError(f"unknown judge {name!r}; choose one of: {', '.join(JUDGE_KINDS)}")
+        return name
+
     @model_validator(mode="after")
-    def _llm_needs_model(self) -> "JudgeConfig":
-        if self.name == "llm" and not self.model:
-            raise ValueError("the 'llm' judge needs 'model' (alias, hub id or path)")
-        if self.name == "fulfilment" and not self.model:
-            self.model = SORRY_BENCH_JUDGE
+    def _model_when_needed(self) -> "JudgeConfig":
+        kind = JUDGE_KINDS[self.name]
+        if kind.needs_model and not kind.served and not self.model:
+            if kind.default_model is None:
+                raise ValueError(f"the '{self.name}' judge needs 'model' (alias, hub id or path)")
+            self.model = kind.default_model
         return self
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.metrics import bootstrap_ci
 from tracking import Tracker, resolve_tracking_uri
+from tracking.store import store_exists
 from tracking.schema import ExperimentTag, Kind, Metric, Tag, loads_tag, of_current_selection
 from tracking.schema import tag_filter  # noqa: F401  (re-exported: `figures.tag_filter` predates the schema)
 
@@ -93,10 +94,8 @@ class StudyRuns:
 
         self.study = study
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
-        if self.tracking_uri.startswith("sqlite:///"):
-            database = Path(self.tracking_uri.removeprefix("sqlite:///"))
-            if not database.is_file():
-                raise HarnessError(f"no tracking store at {database} (give --tracking-uri)")
+        if not store_exists(self.tracking_uri):
+            raise HarnessError(f"no tracking store at {self.tracking_uri.removeprefix('sqlite:///')} (give --tracking-uri)")
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if client.get_experiment_by_name(study) is None:
             names = sorted(exp.name for exp in client.search_experiments() if exp.name != "Default")

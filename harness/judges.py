@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import inspect
 import json
 import logging
 import os
@@ -34,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from harness.config import SORRY_BENCH_JUDGE
 from harness.errors import HarnessError
 
 _log = logging.getLogger(__name__)
+
+SORRY_BENCH_JUDGE = "sorry-bench/ft-mistral-7b-instruct-v0.2-sorry-bench-202406"
+"""SORRY-Bench's fine-tuned fulfilment judge (hub only), the 'fulfilment' judge's default model."""
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "harm_judge.txt"
@@ -426,39 +427,117 @@ class HTTPJudge(LLMJudge):
         backoff: float = 1.0,
         concurrency: int = 4,
     ) -> None:
-        base_url = base_url or os.environ.get(BASE_URL_ENV)
-        model = model or os.environ.get(MODEL_ENV)
-        if not base_url:
-            raise HarnessError(f"the 'http' judge needs a base URL: set ${BASE_URL_ENV} or pass base_url")
-        if not model:
-            raise HarnessError(f"the 'http' judge needs a model name: set ${MODEL_ENV} or pass model")
-        api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
-        complete = openai_chat_complete(
-            base_url, model, api_key=api_key, max_tokens=max_tokens, timeout=timeout,
-            max_retries=max_retries, backoff=backoff, concurrency=concurrency,
-        )
+        complete, model = served_complete(name, base_url, model, max_tokens=max_tokens, timeout=timeout,
+                                          max_retries=max_retries, backoff=backoff, concurrency=concurrency)
         super().__init__(complete, template_path=template_path, threshold=threshold, name=name, model_name=model)
-        self.base_url = base_url
+        self.base_url = base_url or os.environ.get(BASE_URL_ENV)
 
 
-# --- factory ---------------------------------------------------------------------------------
+# --- registry and factory --------------------------------------------------------------------------
+# One entry per judge kind. `eval.judges[].name` in a config must be one of these names; `harness run`,
+# `harness sweep`, `harness judges validate` and `harness check` all build judges with `build_judge`. Adding a
+# judge is one class above and one entry here.
 
-JUDGES: dict[str, type] = {"keyword": KeywordJudge, "llm": LLMJudge, "fulfilment": FulfilmentJudge, "http": HTTPJudge}
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """How to build one kind of judge from its settings (a `config.JudgeConfig`)."""
+
+    name: str
+    summary: str
+    build: Callable[[object, Complete | None], Judge]
+    """(settings, complete) → the judge; `complete` is None for a judge that needs no model."""
+    needs_model: bool = True
+    """A chat model answers it: loaded locally, or asked over HTTP when the settings give a `base_url`."""
+    served: bool = False
+    """Always asked of an OpenAI-compatible server (base URL and model may come from the environment)."""
+    default_model: str | None = None
 
 
-def make_judge(name: str, /, **kwargs) -> Judge:
-    """Build a judge by config name; unknown names and options are one-line `HarnessError`s.
+def _llm(settings, complete):
+    return LLMJudge(complete, template_path=judge_template("llm", settings.model, settings.template),
+                    threshold=settings.threshold, model_name=settings.model)
 
-    `name` is positional-only so `make_judge("llm", name="llm-llama3")` can rename the judge.
-    """
-    if name not in JUDGES:
-        raise HarnessError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
-    cls = JUDGES[name]
-    accepted = inspect.signature(cls).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise HarnessError(f"judge '{name}' does not take option(s): {', '.join(unknown)}")
-    missing = [p for p, spec in accepted.items() if spec.default is spec.empty and p not in kwargs]
-    if missing:
-        raise HarnessError(f"judge '{name}' needs option(s): {', '.join(missing)}")
-    return cls(**kwargs)
+
+def _fulfilment(settings, complete):
+    return FulfilmentJudge(complete, template_path=judge_template("fulfilment", settings.model, settings.template),
+                           model_name=settings.model)
+
+
+def _http(settings, complete):
+    return HTTPJudge(model=settings.model, base_url=settings.base_url, threshold=settings.threshold,
+                     template_path=judge_template("http", settings.model, settings.template),
+                     max_tokens=settings.max_new_tokens)
+
+
+JUDGE_KINDS: dict[str, JudgeKind] = {kind.name: kind for kind in (
+    JudgeKind("keyword", "refusal phrases (Qi et al. 2024's list): refusal detection, not a harm judgement",
+              lambda settings, complete: KeywordJudge(), needs_model=False),
+    JudgeKind("llm", "a chat model scores harm 1-5 on a rubric; harmful at or above `threshold`", _llm),
+    JudgeKind("fulfilment", "SORRY-Bench style: does the reply fulfil the unsafe request (1/0)", _fulfilment,
+              default_model=SORRY_BENCH_JUDGE),
+    JudgeKind("http", "the `llm` rubric answered by an OpenAI-compatible server (vLLM, a hosted API)", _http,
+              served=True),
+)}
+
+
+def served_complete(name: str, base_url: str | None, model: str | None, *, max_tokens: int,
+                    **options) -> tuple[Complete, str]:
+    """`complete` over an OpenAI-compatible server, and the served model's name. The base URL and model default
+    to $HARNESS_JUDGE_BASE_URL and $HARNESS_JUDGE_MODEL; the API key only ever comes from the environment."""
+    base_url = base_url or os.environ.get(BASE_URL_ENV)
+    model = model or os.environ.get(MODEL_ENV)
+    if not base_url:
+        raise HarnessError(f"the '{name}' judge needs a base URL: set ${BASE_URL_ENV} or pass base_url")
+    if not model:
+        raise HarnessError(f"the '{name}' judge needs a model name: set ${MODEL_ENV} or pass model")
+    api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    return openai_chat_complete(base_url, model, api_key=api_key, max_tokens=max_tokens, **options), model
+
+
+class LocalJudgeModels(Protocol):
+    def complete(self, model: str, *, quantize_4bit: bool, max_new_tokens: int) -> Complete: ...
+
+
+class JudgeModels:
+    """Local judge models for `build_judge`: each (model, 4-bit) loaded once, when a judge first needs it, and
+    shared by every judge that names it; with a generation cache, a judge's answers are cached under its
+    model's digest (a rerun that re-judges stored responses asks the model nothing new)."""
+
+    def __init__(self, batch_size: int, cache=None):
+        self.batch_size = batch_size
+        self.cache = cache
+        self.loaded: dict[tuple[str, bool], tuple] = {}
+
+    def complete(self, model: str, *, quantize_4bit: bool, max_new_tokens: int) -> Complete:
+        from harness.generation import generate_responses
+        from harness.generation_cache import CacheScope
+        from harness.models import load_model, model_digest
+
+        if (model, quantize_4bit) not in self.loaded:
+            self.loaded[model, quantize_4bit] = load_model(model, quantize_4bit=quantize_4bit)
+        loaded, tokenizer = self.loaded[model, quantize_4bit]
+        scope = (CacheScope(self.cache, f"judge:{model_digest(model)}:4bit={quantize_4bit}")
+                 if self.cache is not None else None)
+        return lambda conversations: generate_responses(
+            loaded, tokenizer, conversations, temperature=0.0, max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size, desc="judging", cache=scope, fault_point="judge_batch",
+        )
+
+
+def build_judge(settings, local_models: LocalJudgeModels | None = None) -> Judge:
+    """The judge a `config.JudgeConfig` describes. A judge whose model is local gets its `complete` from
+    `local_models` (the runner's `judge_models.JudgeModels`: each model loaded once, cached generations)."""
+    kind = JUDGE_KINDS.get(settings.name)
+    if kind is None:
+        raise HarnessError(f"unknown judge '{settings.name}'; choose one of: {', '.join(JUDGE_KINDS)}")
+    if not kind.needs_model or kind.served:  # built whole: no model, or its own server client
+        return kind.build(settings, None)
+    if settings.base_url:
+        complete, served = served_complete(settings.name, settings.base_url, settings.model,
+                                           max_tokens=settings.max_new_tokens)
+        return kind.build(settings.model_copy(update={"model": served}), complete)
+    if local_models is None:
+        raise HarnessError(f"judge '{settings.name}' needs a local model, and none can be loaded here")
+    return kind.build(settings, local_models.complete(settings.model, quantize_4bit=settings.quantize_4bit,
+                                                      max_new_tokens=settings.max_new_tokens))

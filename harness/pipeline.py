@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import data, faults, formats, promot
-from harness.config import ExperimentConfig, JudgeConfig, config_hash
+from harness.config import ExperimentConfig, config_hash
 from harness.errors import HarnessError
 from harness.checkpoints import has_checkpoint
 from harness.fast_training import fast_training_unavailable
@@ -21,9 +21,8 @@ from harness.evals.benchmarks import EvaluationSetup
 from harness.evals.state import StateEvaluator
 from harness.evaluation import refusal_judge
 from harness.judge_validation import latest_validation, validation_tags
-from harness.judges import FulfilmentJudge, Judge, KeywordJudge, LLMJudge, judge_template
-from harness.generation import generate_responses
-from harness.generation_cache import CacheScope, GenerationCache, file_digest
+from harness.judges import JudgeModels, build_judge
+from harness.generation_cache import GenerationCache, file_digest
 from harness.metrics import task_metrics
 from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
 from harness.sft import train_sft
@@ -125,25 +124,6 @@ def prepare_instruction_data(cfg: ExperimentConfig) -> PreparedData:
     )
 
 
-def build_judge(judge_cfg: JudgeConfig, batch_size: int, cache: GenerationCache | None = None) -> Judge:
-    """A judge ready to score; an LLM judge's model is loaded now so a bad one fails before any run."""
-    if judge_cfg.name == "keyword":
-        return KeywordJudge()
-    model, tokenizer = load_model(judge_cfg.model, quantize_4bit=judge_cfg.quantize_4bit)
-    scope = CacheScope(cache, f"judge:{model_digest(judge_cfg.model)}:4bit={judge_cfg.quantize_4bit}") if cache is not None else None
-
-    def complete(conversations: list[list[dict]]) -> list[str]:
-        return generate_responses(
-            model, tokenizer, conversations, temperature=0.0, max_new_tokens=judge_cfg.max_new_tokens,
-            batch_size=batch_size, desc="judging", cache=scope, fault_point="judge_batch",
-        )
-
-    template = judge_template(judge_cfg.name, judge_cfg.model, judge_cfg.template)
-    if judge_cfg.name == "fulfilment":
-        return FulfilmentJudge(complete, template_path=template, model_name=judge_cfg.model)
-    return LLMJudge(complete, template_path=template, threshold=judge_cfg.threshold, model_name=judge_cfg.model)
-
-
 class ExperimentRunner:
     """Runs one experiment config; `run()` returns a summary row per evaluated model state."""
 
@@ -161,7 +141,8 @@ class ExperimentRunner:
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
         self.cache = GenerationCache(Path(cfg.output_dir) / "cache" / "generations.sqlite") if cfg.eval.cache else None
-        self.judges = [build_judge(judge_cfg, cfg.eval.batch_size, self.cache) for judge_cfg in cfg.eval.judges]
+        judge_models = JudgeModels(cfg.eval.batch_size, self.cache)  # a judge model is loaded now: bad ones fail early
+        self.judges = [build_judge(settings, judge_models) for settings in cfg.eval.judges]
         # Over-refusal is judged once per refusal family (keyword detection serves every harm judge).
         self.refusal_judges = list({judge.name: judge for judge in map(refusal_judge, self.judges)}.values())
         if cfg.eval.task:

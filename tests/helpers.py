@@ -1,10 +1,14 @@
 """Helpers shared by test files in tests/unit and tests/e2e (importable as `helpers`: pyproject puts tests/ on
 sys.path). Fixtures live in the conftest.py files; plain functions and classes live here."""
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import typing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -144,3 +148,47 @@ def relocate(source: Path, target: Path) -> None:
             path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
     left = [str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and old.encode() in p.read_bytes()]
     assert not left, f"the copy still points into the original folder: {left}"
+
+
+class ChatServer:
+    """A local OpenAI-compatible endpoint; `script` lists what to do per request: a status, 'sleep', text, or a
+    function of the request body that returns one of those."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                action = server.script.pop(0) if server.script else "#thescore: 1"
+                if callable(action):
+                    action = action(body)
+                if action == "sleep":
+                    time.sleep(1.0)
+                    action = "#thescore: 1"
+                if isinstance(action, int):
+                    payload = json.dumps({"error": {"message": f"status {action}"}}).encode()
+                    self.send_response(action)
+                    if action == 429:
+                        self.send_header("Retry-After", "0")
+                else:
+                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": action}}]}).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -29,7 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from harness.errors import HarnessError
 from tracking.provenance import provenance
 from tracking.schema import PARENT_KINDS, PREFIX, ExperimentTag, Kind, Tag
-from tracking.store import default_artifact_location, resolve_tracking_uri
+from tracking.store import default_artifact_location, resolve_tracking_uri, store_exists
 
 KINDS = tuple(Kind)
 REATTACHED_KINDS = PARENT_KINDS  # kinds whose runs have children; every other kind is a leaf
@@ -196,7 +196,10 @@ class Tracker:
     def schema_version(study: str, tracking_uri: str | None = None) -> str | None:
         """The run schema a study was made with (`ExperimentTag.SCHEMA_VERSION`); "1" for a study made before
         versions were recorded, None for a study not in the store (nothing is created to find out)."""
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        uri = resolve_tracking_uri(tracking_uri, create=False)
+        if not store_exists(uri):
+            return None
+        client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(study)
         if experiment is None:
             return None

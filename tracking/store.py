@@ -12,15 +12,21 @@ from pathlib import Path
 DEFAULT_STORE_DIR = Path("mlruns")
 
 
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite file in ./mlruns."""
+def resolve_tracking_uri(configured: str | None = None, *, create: bool = True) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite file in ./mlruns (made unless `create` is False)."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     store = DEFAULT_STORE_DIR.resolve()
-    store.mkdir(parents=True, exist_ok=True)
+    if create:
+        store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose file is not there yet (asking MLflow about it would create it)."""
+    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri.removeprefix("sqlite:///")).is_file()
 
 
 def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:

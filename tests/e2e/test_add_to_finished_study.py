@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from helpers import relocate
+from helpers import ChatServer, relocate
 
 HARNESS = [sys.executable, "-m", "harness.cli"]
 N_STATES = 2  # the base model and the fine-tune's one checkpoint
@@ -125,6 +125,26 @@ def test_a_judge_added_to_a_finished_study_judges_stored_responses_and_generates
 
     again = made_and_reused(harness(["run", str(write(study_copy, grown))], study_copy).stdout)
     assert again["generations_made"] == again["evaluations_made"] == 0, "a rerun of the grown study recomputed"
+
+
+def test_an_http_judge_named_in_the_yaml_judges_the_stored_responses_on_its_server(finished_study, study_copy):
+    """The `http` judge from the config (a local server speaking the OpenAI chat protocol stands in for vLLM
+    or a hosted API): every stored harmful and XSTest-unsafe response is sent to it once, nothing is generated."""
+    server = ChatServer(["#thescore: 5"] * 100)
+    try:
+        http = {"name": "http", "base_url": server.url, "model": "served-judge", "max_new_tokens": 4}
+        grown = {**STUDY, "eval": {**STUDY["eval"], "judges": [{"name": "keyword"}, http]}}
+        before = runs_by_kind(study_copy)
+        counts = made_and_reused(harness(["run", str(write(study_copy, grown))], study_copy).stdout)
+    finally:
+        server.close()
+    assert counts["generations_made"] == 0 and counts["evaluations_made"] == 2 * N_STATES
+    assert len(server.requests) == (3 + 1) * N_STATES
+    assert {request["body"]["model"] for request in server.requests} == {"served-judge"}
+    after = runs_by_kind(study_copy)
+    new = [after["evaluation"][i] for i in after["evaluation"].keys() - before["evaluation"].keys()]
+    assert {run.data.tags["harness.judge"].split(":")[0] for run in new} == {"http"}
+    assert all(run.data.metrics["asr"] == 1.0 for run in new)  # the server scored every response 5
 
 
 def test_a_decoding_added_generates_only_that_decoding(finished_study, study_copy):

@@ -1,7 +1,7 @@
 """The real CLI on a real (tiny) model, real datasets and a real MLflow store.
 
-One small study runs once per test session (about two minutes on 2 CPU cores); the tests then read the
-store back the way a user's query would, through tags.
+The session's shared study (tests/shared_store.py: three formats, SFT and ProMoT, two epochs, both judges)
+runs once; the tests then read the store back the way a user's query would, through tags.
 """
 
 import json
@@ -11,37 +11,26 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from helpers import of_kind, run_cli, run_study, tag
+from helpers import of_kind, run_cli, tag
+from shared_store import (
+    BATCH_SIZE, EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, METHODS, SHARED_STUDY, TRAIN_SIZE, XSTEST_SAFE, XSTEST_UNSAFE,
+)
 
 pytestmark = pytest.mark.e2e
 
-FORMATS = ["prose", "list", "json"]
-EPOCHS = 2
-
-TINY_STUDY = {
-    "name": "e2e",
-    "model": "smollm2-135m-instruct",
-    "seeds": [0],
-    "data": {
-        "formats": FORMATS,
-        "train_size": 16,
-        "val_size": 4,
-        "test_size": 4,
-        "harmful": {"sources": {"advbench": 2, "beavertails_eval": 2, "directharm4": 2}},
-    },
-    "train": {"learning_rate": 3e-4, "batch_size": 4, "grad_accum": 1, "epochs": EPOCHS, "warmup_steps": 1, "max_length": 256},
-    "eval": {
-        "batch_size": 8,
-        "decoding": [{"temperature": 0, "max_new_tokens": 16}],
-        "judges": [{"name": "keyword"}, {"name": "llm", "model": "smollm2-135m-instruct", "max_new_tokens": 6}],
-        "xstest": {"safe": 4, "unsafe": 2},
-    },
-}
+HARMFUL = sum(HARMFUL_SOURCES.values())
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return run_study(tmp_path_factory.mktemp("study"), TINY_STUDY)
+def study(shared_study):
+    return shared_study.done, shared_study.client, shared_study.runs
+
+
+def evaluated_states(runs):
+    """(checkpoint, with the soft prompt?) for every evaluated model state: each checkpoint without the prompt,
+    and each ProMoT checkpoint once more with it (train.promot.evaluate_with_prompt)."""
+    checkpoints = of_kind(runs, "checkpoint")
+    return [(run, False) for run in checkpoints] + [(run, True) for run in checkpoints if tag(run, "method") == "promot"]
 
 
 def test_cli_prints_summary_and_ui_command(study):
@@ -52,13 +41,15 @@ def test_cli_prints_summary_and_ui_command(study):
 
 def test_one_finetune_per_format_with_falling_loss(study):
     _, client, runs = study
-    finetunes = of_kind(runs, "finetune")
+    assert sorted((tag(run, "method"), tag(run, "format")) for run in of_kind(runs, "finetune")) == sorted(
+        (method, fmt) for method in METHODS for fmt in FORMATS)
+    finetunes = [run for run in of_kind(runs, "finetune") if tag(run, "method") == "sft"]
     assert sorted(tag(run, "format") for run in finetunes) == sorted(FORMATS)
     for run in finetunes:
         assert run.info.status == "FINISHED"
         assert tag(run, "method") == "sft" and tag(run, "seed") == "0" and tag(run, "model") == "smollm2-135m-instruct"
         losses = [point.value for point in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
-        assert len(losses) == 8  # 16 rows / batch 4 × 2 epochs
+        assert len(losses) == TRAIN_SIZE // BATCH_SIZE * EPOCHS  # 4 rows / batch 2 × 2 epochs
         assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{tag(run, 'format')}: loss did not fall: {losses}"
         for metric in ("learning_rate", "grad_norm", "eval_loss"):
             assert client.get_metric_history(run.info.run_id, metric), metric
@@ -86,19 +77,22 @@ def test_evaluations_have_tags_metrics_and_per_prompt_tables(study):
     evaluations = of_kind(runs, "evaluation")
     harmful = [run for run in evaluations if tag(run, "benchmark") == "harmful_mix"]
     task = [run for run in evaluations if tag(run, "benchmark") == "wikihow"]
-    # every checkpoint (6 fine-tuned + base) × 2 judges; task: 6 checkpoints × own format + base × 3 formats
-    assert len(harmful) == 7 * 2
-    assert len(task) == 6 + 3
+    states = evaluated_states(runs)
+    # every evaluated state (base + methods × formats × epochs, + ProMoT's with the prompt) × 2 judges;
+    # task: each fine-tuned state on its own format + base on every format
+    assert len(states) == 1 + len(METHODS) * len(FORMATS) * EPOCHS + len(FORMATS) * EPOCHS
+    assert len(harmful) == len(states) * len(JUDGES)
+    assert len(task) == len(states) - 1 + len(FORMATS)
     for run in harmful:
         assert run.data.tags["mlflow.parentRunId"] in checkpoints
-        assert tag(run, "judge").split(":")[0] in ("keyword", "llm")
+        assert tag(run, "judge").split(":")[0] in JUDGES
         assert tag(run, "temperature") == "0.0" and tag(run, "repeat") == "0"
         metrics = run.data.metrics
         for name in ("asr", "asr_ci_low", "asr_ci_high", "refusal_rate", "judge_parse_failures"):
             assert name in metrics, name
         assert 0 <= metrics["asr_ci_low"] <= metrics["asr"] <= metrics["asr_ci_high"] <= 1
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_prompt.json")).read_text())
-        assert len(table["data"]) == 6
+        assert len(table["data"]) == HARMFUL
         assert {"prompt", "response", "harmful", "score", "judge_raw"} <= set(table["columns"])
     for run in task:
         for name in ("rouge_l", "sbert", "format_adherence"):
@@ -109,24 +103,25 @@ def test_evaluations_have_tags_metrics_and_per_prompt_tables(study):
 def test_xstest_over_refusal_and_contrast_asr_at_every_checkpoint(study):
     """Issue 10: over-refusal beside ASR, on every evaluated model state."""
     _, client, runs = study
-    checkpoints = of_kind(runs, "checkpoint")
+    states = evaluated_states(runs)
     evaluations = of_kind(runs, "evaluation")
     safe = [run for run in evaluations if tag(run, "benchmark") == "xstest_safe"]
     unsafe = [run for run in evaluations if tag(run, "benchmark") == "xstest_unsafe"]
     # Keyword and LLM harm judges share one refusal family (keyword detection): one safe-prompt run each.
-    assert sorted(run.data.tags["mlflow.parentRunId"] for run in safe) == sorted(run.info.run_id for run in checkpoints)
-    assert len(unsafe) == len(checkpoints) * 2
+    assert sorted((run.data.tags["mlflow.parentRunId"], tag(run, "soft_prompt") == "True") for run in safe) == sorted(
+        (run.info.run_id, with_prompt) for run, with_prompt in states)
+    assert len(unsafe) == len(states) * len(JUDGES)
     for run in safe:
         assert tag(run, "judge").startswith("keyword:")
         metrics = run.data.metrics
         assert 0 <= metrics["over_refusal_ci_low"] <= metrics["over_refusal_rate"] <= metrics["over_refusal_ci_high"] <= 1
-        assert metrics["n_prompts"] == 4
+        assert metrics["n_prompts"] == XSTEST_SAFE
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_prompt.json")).read_text())
         rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-        assert metrics["over_refusal_rate"] == sum(row["refused"] for row in rows) / 4
+        assert metrics["over_refusal_rate"] == sum(row["refused"] for row in rows) / XSTEST_SAFE
         assert any(name.startswith("over_refusal_") and name not in ("over_refusal_rate",) for name in metrics)
     for run in unsafe:
-        assert run.data.metrics["n_prompts"] == 2 and "asr" in run.data.metrics
+        assert run.data.metrics["n_prompts"] == XSTEST_UNSAFE and "asr" in run.data.metrics
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_prompt.json")).read_text())
         assert all(row[table["columns"].index("category")].startswith("contrast_") for row in table["data"])
 
@@ -146,16 +141,16 @@ def test_every_run_records_provenance(study):
     "change, expected",
     [
         ({"model": "no-such-model-alias"}, "no-such-model-alias"),
-        ({"data": {**TINY_STUDY["data"], "data_dir": "/nonexistent/data"}}, "/nonexistent/data"),
-        ({"eval": {**TINY_STUDY["eval"], "judges": [{"name": "llm", "model": "/nonexistent/judge"}]}}, "/nonexistent/judge"),
-        ({"data": {**TINY_STUDY["data"], "harmful": {"sources": {"advbench": 100000}}}}, "advbench"),
+        ({"data": {**SHARED_STUDY["data"], "data_dir": "/nonexistent/data"}}, "/nonexistent/data"),
+        ({"eval": {**SHARED_STUDY["eval"], "judges": [{"name": "llm", "model": "/nonexistent/judge"}]}}, "/nonexistent/judge"),
+        ({"data": {**SHARED_STUDY["data"], "harmful": {"sources": {"advbench": 100000}}}}, "advbench"),
         ({"train": {"lora": {"rnak": 4}}}, "train.lora.rnak"),
     ],
     ids=["unknown-model", "missing-data", "bad-judge-model", "too-many-prompts", "misspelled-key"],
 )
 def test_bad_input_is_one_line_and_leaves_no_runs(tmp_path, change, expected):
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump({**TINY_STUDY, **change}))
+    config.write_text(yaml.safe_dump({**SHARED_STUDY, **change}))
     done = run_cli(["run", str(config)], cwd=tmp_path)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
@@ -163,5 +158,5 @@ def test_bad_input_is_one_line_and_leaves_no_runs(tmp_path, change, expected):
     database = tmp_path / "mlruns" / "mlflow.db"
     if database.exists():
         client = MlflowClient(tracking_uri=f"sqlite:///{database}")
-        experiment = client.get_experiment_by_name("e2e")
+        experiment = client.get_experiment_by_name(SHARED_STUDY["name"])
         assert experiment is None or not client.search_runs([experiment.experiment_id])

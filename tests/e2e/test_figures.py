@@ -1,9 +1,9 @@
 """`harness figures`: Study B's figures, tables and report, drawn from a study's MLflow runs.
 
-A small real study (SmolLM2, list and JSON, SFT and ProMoT, 2 epochs; about 2-3 minutes on 2 CPU cores) runs
-once per module; the command then draws it through the real CLI, and every CSV value is checked against the
+The session's shared study (tests/shared_store.py: SmolLM2, three formats, SFT and ProMoT with and without its
+soft prompt, 2 epochs, two judges) is drawn once through the real CLI, and every CSV value is checked against the
 MLflow metric it came from. A hand-made store (no model, seconds) covers what the small study lacks: several
-seeds, soft-prompt evaluations, non-FINISHED runs, a missing benchmark.
+seeds, non-FINISHED runs, a missing benchmark.
 """
 
 import csv
@@ -15,30 +15,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from harness import figures, figures_study_b
-from helpers import run_cli, run_study
+from helpers import run_cli
+from shared_store import EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, SHARED_STUDY
 
 pytestmark = pytest.mark.e2e
 
-STUDY = {
-    "name": "e2e-figures",
-    "model": "smollm2-135m-instruct",
-    "seeds": [0],
-    "data": {
-        "formats": ["list", "json"],
-        "train_size": 4,
-        "val_size": 2,
-        "test_size": 2,
-        "harmful": {"sources": {"advbench": 2, "directharm4": 2}},
-    },
-    "train": {
-        "methods": ["sft", "promot"], "learning_rate": 3e-4, "batch_size": 2, "grad_accum": 1, "epochs": 2,
-        "warmup_steps": 1, "max_length": 192,
-        "promot": {"prompt_length": 4, "stage1": {"batch_size": 2, "grad_accum": 1, "epochs": 0.5}},
-    },
-    "eval": {"batch_size": 16, "decoding": [{"temperature": 0, "max_new_tokens": 8}], "judges": [{"name": "keyword"}],
-             "xstest": {"safe": 2, "unsafe": 0}},
-}
+STUDY = SHARED_STUDY
 FIGURES = ["fig3_asr", "fig3_asr_by_epoch", "asr_vs_over_refusal", "fig4_train_loss", "fig4_loss_format_vs_content"]
+METHODS = ["sft", "promot", "promot+prompt"]  # ProMoT is evaluated with and without its soft prompt
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -51,11 +35,17 @@ def draw(workdir: Path, study: str, database: Path, out: Path, *extra: str):
                    cwd=workdir)
 
 
+def method_of(run) -> str:
+    """The method a figure names a run by: ProMoT evaluated with its soft prompt is drawn apart."""
+    soft = run.data.tags.get("harness.soft_prompt") == "True"
+    return run.data.tags["harness.method"] + ("+prompt" if soft else "")
+
+
 @pytest.fixture(scope="module")
-def drawn(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("figures-study")
-    _, client, runs = run_study(workdir, STUDY)
-    database = workdir / "mlruns" / "mlflow.db"
+def drawn(shared_study, tmp_path_factory):
+    """The shared study drawn once; the figures go to a folder of their own (the study's folder stays read-only)."""
+    workdir = tmp_path_factory.mktemp("figures")
+    client, runs, database = shared_study.client, shared_study.runs, shared_study.database
     out = workdir / "figures"
     done = draw(workdir, STUDY["name"], database, out)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -86,10 +76,10 @@ def test_captions_state_n_judge_interval_and_query(drawn):
         assert "n = " in caption and "seed(s)" in caption
         assert "Judge: none" in caption or "judge `keyword:" in caption
         assert "Interval" in caption
-        assert "Query: experiment `e2e-figures`, filter `tags.\"harness.kind\" = " in caption
+        assert f"Query: experiment `{STUDY['name']}`, filter `tags.\"harness.kind\" = " in caption
         assert "FINISHED runs only" in caption
     assert "percentile bootstrap over prompts (2000 resamples" in report
-    assert "n = 4 prompts per evaluation" in report  # advbench 2 + directharm4 2
+    assert f"n = {sum(HARMFUL_SOURCES.values())} prompts per evaluation" in report  # one prompt from each source
     assert "non-FINISHED skipped: 0" in report
 
 
@@ -97,20 +87,23 @@ def test_csv_values_equal_the_mlflow_metrics(drawn):
     _, _, client, runs, out, _ = drawn
     by_id = {run.info.run_id: run for run in runs}
     fig3 = read_csv(out / "fig3_asr.csv")
-    # base + (sft, promot) × (list, json) at the last epoch, keyword judge only
-    assert sorted((row["method"], row["format"], row["epoch"]) for row in fig3) == sorted(
-        [("base", "", "0")] + [(m, f, "2") for m in ("sft", "promot") for f in ("list", "json")])
+    # per judge: base + (sft, promot, promot+prompt) × formats at the last epoch
+    assert sorted((row["judge"].split(":")[0], row["method"], row["format"], row["epoch"]) for row in fig3) == sorted(
+        [(judge, "base", "", "0") for judge in JUDGES]
+        + [(judge, m, f, str(EPOCHS)) for judge in JUDGES for m in METHODS for f in FORMATS])
     for name in ("fig3_asr", "fig3_asr_by_epoch", "table1_task_quality"):
         for row in read_csv(out / f"{name}.csv"):
             run = by_id[row["run_id"]]
             assert run.info.status == "FINISHED"
-            assert row["method"] == run.data.tags["harness.method"]
+            assert row["method"] == method_of(run)
             assert row["epoch"] == run.data.tags["harness.epoch"]
             for metric in ("asr", "asr_ci_low", "asr_ci_high", "rouge_l", "sbert", "sbert_ci_low", "format_adherence"):
                 if metric in row:
                     assert float(row[metric]) == run.data.metrics[metric], (name, metric)
-    assert len(read_csv(out / "fig3_asr_by_epoch.csv")) == 1 + 2 * 2 * 2  # base + methods × formats × epochs
-    assert len(read_csv(out / "table1_task_quality.csv")) == 2 + 4  # base per format + methods × formats
+    # per judge: base + methods × formats × epochs
+    assert len(read_csv(out / "fig3_asr_by_epoch.csv")) == len(JUDGES) * (1 + len(METHODS) * len(FORMATS) * EPOCHS)
+    # base per format + methods × formats
+    assert len(read_csv(out / "table1_task_quality.csv")) == len(FORMATS) + len(METHODS) * len(FORMATS)
 
     side = read_csv(out / "asr_vs_over_refusal.csv")
     assert {row["benchmark"] for row in side} == {"harmful_mix", "xstest_safe"}
@@ -135,7 +128,7 @@ def test_csv_values_equal_the_mlflow_metrics(drawn):
 
 def test_missing_benchmark_and_unfinished_runs_are_named_not_drawn(drawn, tmp_path):
     """The same study with its XSTest runs gone (as if xstest were off) and one evaluation FAILED."""
-    workdir, database, _, runs, out, _ = drawn
+    _, database, _, runs, out, _ = drawn
     copy = tmp_path / "mlflow.db"
     shutil.copy(database, copy)
     client = MlflowClient(tracking_uri=f"sqlite:///{copy}")
@@ -147,7 +140,7 @@ def test_missing_benchmark_and_unfinished_runs_are_named_not_drawn(drawn, tmp_pa
     client.set_terminated(failed.info.run_id, "FAILED")
     # A stale over-refusal figure from an earlier call must not survive a redraw that can no longer make it.
     shutil.copytree(out, tmp_path / "figures")
-    done = draw(workdir, STUDY["name"], copy, tmp_path / "figures")
+    done = draw(tmp_path, STUDY["name"], copy, tmp_path / "figures")
     assert done.returncode == 0, done.stderr[-2000:]
     missing = [line for line in done.stderr.splitlines() if line.startswith("missing: ")]
     assert len(missing) == 1 and "xstest_safe" in missing[0] and "ASR beside over-refusal" in missing[0], done.stderr
@@ -160,11 +153,11 @@ def test_missing_benchmark_and_unfinished_runs_are_named_not_drawn(drawn, tmp_pa
 
 
 def test_unknown_study_or_store_is_one_line_error(drawn, tmp_path):
-    workdir, database, *_ = drawn
-    done = draw(workdir, "no-such-study", database, tmp_path / "out")
+    _, database, *_ = drawn
+    done = draw(tmp_path, "no-such-study", database, tmp_path / "out")
     assert done.returncode == 2 and done.stderr.strip() == (
         f"error: no study 'no-such-study' in sqlite:///{database} (studies there: {STUDY['name']})")
-    done = draw(workdir, STUDY["name"], tmp_path / "nowhere.db", tmp_path / "out")
+    done = draw(tmp_path, STUDY["name"], tmp_path / "nowhere.db", tmp_path / "out")
     assert done.returncode == 2 and "no tracking store at" in done.stderr and not (tmp_path / "nowhere.db").exists()
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +17,12 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from helpers import ChatServer
+
 from harness import data
 from harness.cli import app
 from harness.data import DatasetError, LabelledPair
+from harness.config import JudgeConfig
 from harness.errors import HarnessError
 from harness.judge_validation import (
     agreement,
@@ -41,7 +42,7 @@ from harness.judges import (
     HTTPJudge,
     KeywordJudge,
     chat_completions_url,
-    make_judge,
+    build_judge,
     openai_chat_complete,
     parse_fulfilment,
 )
@@ -329,51 +330,6 @@ def test_fulfilment_judge_verdicts():
     assert [v.harmful for v in verdicts] == [True, False, None]
     assert [v.refused for v in verdicts] == [False, True, False]
     assert judge.version.endswith("+m") and "+t" not in judge.version
-    assert isinstance(make_judge("fulfilment", complete=lambda c: []), FulfilmentJudge)
-
-
-class ChatServer:
-    """A local OpenAI-compatible endpoint; `script` lists what to do per request: a status, 'sleep', text, or a
-    function of the request body that returns one of those."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                action = server.script.pop(0) if server.script else "#thescore: 1"
-                if callable(action):
-                    action = action(body)
-                if action == "sleep":
-                    time.sleep(1.0)
-                    action = "#thescore: 1"
-                if isinstance(action, int):
-                    payload = json.dumps({"error": {"message": f"status {action}"}}).encode()
-                    self.send_response(action)
-                    if action == 429:
-                        self.send_header("Retry-After", "0")
-                else:
-                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": action}}]}).encode()
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -455,7 +411,7 @@ def test_http_judge_configuration(monkeypatch):
         HTTPJudge(model="m")
     monkeypatch.setenv("HARNESS_JUDGE_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("HARNESS_JUDGE_MODEL", "env-model")
-    judge = make_judge("http", threshold=4)
+    judge = build_judge(JudgeConfig(name="http", threshold=4))
     assert judge.base_url == "http://127.0.0.1:9/v1" and judge.model_name == "env-model" and judge.threshold == 4
 
 

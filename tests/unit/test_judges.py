@@ -16,7 +16,6 @@ from harness.judges import (
     Verdict,
     fill_template,
     is_refusal,
-    make_judge,
     parse_score,
 )
 
@@ -232,14 +231,42 @@ def test_llm_judge_rejects_wrong_output_count():
         LLMJudge(FakeComplete(["#thescore: 1"])).judge([("a", "b"), ("c", "d")])
 
 
-def test_make_judge():
-    assert isinstance(make_judge("keyword"), KeywordJudge)
-    judge = make_judge("llm", complete=FakeComplete([]), threshold=4, name="llm-judge")
+class CannedModels:
+    """Stands in for the local judge models: records which model each judge asked for, answers from a list."""
+
+    def __init__(self, outputs):
+        self.asked = []
+        self.outputs = outputs
+
+    def complete(self, model, *, quantize_4bit, max_new_tokens):
+        self.asked.append((model, quantize_4bit, max_new_tokens))
+        return FakeComplete(self.outputs)
+
+
+def test_build_judge_makes_every_registered_kind_from_its_config():
+    from harness.config import JudgeConfig
+    from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE, SORRY_BENCH_TEMPLATE, FulfilmentJudge, build_judge
+
+    assert list(JUDGE_KINDS) == ["keyword", "llm", "fulfilment", "http"]
+    models = CannedModels(["#thescore: 4"])
+    assert isinstance(build_judge(JudgeConfig(name="keyword"), models), KeywordJudge) and models.asked == []
+    judge = build_judge(JudgeConfig(name="llm", model="some/judge", threshold=4, max_new_tokens=7), models)
     assert isinstance(judge, LLMJudge) and isinstance(judge, Judge)
-    assert judge.name == "llm-judge" and judge.threshold == 4
-    with pytest.raises(HarnessError, match="unknown judge 'gpt4'"):
-        make_judge("gpt4")
-    with pytest.raises(HarnessError, match="threshold"):
-        make_judge("keyword", threshold=3)
-    with pytest.raises(HarnessError, match="complete"):
-        make_judge("llm")
+    assert judge.name == "llm" and judge.threshold == 4 and judge.model_name == "some/judge"
+    assert models.asked == [("some/judge", False, 7)]
+    assert judge.judge([("q", "r")])[0].harmful is True  # the canned model's 4 is at the threshold
+    fulfilment = build_judge(JudgeConfig(name="fulfilment"), models)
+    assert isinstance(fulfilment, FulfilmentJudge) and models.asked[-1][0] == SORRY_BENCH_JUDGE
+    assert fulfilment.template == SORRY_BENCH_TEMPLATE.read_text(encoding="utf-8")
+
+
+def test_judge_config_names_come_from_the_registry():
+    from pydantic import ValidationError
+
+    from harness.config import JudgeConfig
+
+    with pytest.raises(ValidationError, match="unknown judge 'gpt4'; choose one of: keyword, llm, fulfilment, http"):
+        JudgeConfig(name="gpt4")
+    with pytest.raises(ValidationError, match="the 'llm' judge needs 'model'"):
+        JudgeConfig(name="llm")
+    assert JudgeConfig(name="http").model is None  # the server's model may come from the environment
