@@ -25,11 +25,12 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
+from harness.methods import TRAINING_METHODS
 
 from harness.errors import HarnessError
 
 Format = Literal["prose", "list", "json"]
-Method = Literal["sft", "promot"]
+Method = Literal[tuple(TRAINING_METHODS)]  # the training-method registry's names (harness/methods.py)
 Optimizer = Literal["adamw_torch", "adamw_bnb_8bit"]
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A study (or Optuna study) name: it becomes a folder under output_dir, so no '/', no leading dot, no blanks."""
@@ -163,7 +164,8 @@ class PromotConfig(Strict):
 
 class TrainConfig(Strict):
     methods: list[Method] = ["sft"]
-    """Fine-tuning methods to run for every format and seed: 'sft' and/or 'promot'."""
+    """Fine-tuning methods to run for every format and seed, by their names in the training-method registry
+    (harness/methods.py): 'sft' and/or 'promot'."""
     learning_rate: Float = Field(5e-5, gt=0)
     """Peak learning rate (Study B: 5e-5)."""
     lr_scheduler: Scheduler = "cosine"
@@ -424,6 +426,29 @@ class TrackingConfig(Strict):
     """MLflow tracking URI; default $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns."""
 
 
+class RuntimeConfig(Strict):
+    """How a run computes, not what it trains: kernels, precision and batching. Not part of any unit's identity
+    (the same config hash whatever these are), but every run records them (harness/runtime.py: tags
+    `harness.runtime` and `harness.runtime_overrides`). Each may be overridden by an environment variable
+    (`HARNESS_PROMOT_PRECISION`, `HARNESS_PROMOT_ATTENTION`, `HARNESS_PROMOT_MICRO_BATCH`, `HARNESS_FAST_TRAINING`,
+    `HARNESS_FAST_GENERATION`), and the run records which did."""
+
+    promot_precision: Literal["fp32", "bf16"] = "fp32"
+    """ProMoT's weights on CUDA: 'fp32' (TF32 matmuls; measured to stay finite, issue 12) or 'bf16' (less memory;
+    went non-finite in stage 1 on Qwen2.5-Coder-1.5B). On the CPU ProMoT always trains in fp32."""
+    promot_attention: Literal["sdpa", "eager"] = "sdpa"
+    """ProMoT's attention implementation on CUDA: 'sdpa' or 'eager'."""
+    promot_micro_batch: Int | None = Field(None, ge=1)
+    """Split each ProMoT batch into micro-batches of this size and accumulate them: the same examples per optimizer
+    step and the same loss, in less memory (both ProMoT stages); must divide train.batch_size and
+    train.promot.stage1.batch_size. None: no split."""
+    fast_training: bool = True
+    """Take the packed SFT training path on CUDA (harness/fast_training.py); false: padded batches, plain AdamW."""
+    fast_generation: bool = True
+    """Take the fast generation path on CUDA for models it supports (harness/fast_generation.py); false: plain
+    transformers `generate`."""
+
+
 class ExperimentConfig(Strict):
     name: str
     """Study name: the MLflow experiment, the `harness.study` tag and a folder under output_dir, so letters,
@@ -442,6 +467,9 @@ class ExperimentConfig(Strict):
     """Where runs are recorded."""
     output_dir: Path = Path("outputs")
     """Where adapters and trainer checkpoints are written (one folder per fine-tune, named by its hash)."""
+    runtime: RuntimeConfig = RuntimeConfig()
+    """How runs compute (precision, attention, micro-batches, fast paths): recorded on every run, not part of any
+    unit's identity; environment variables may override each setting (harness/runtime.py)."""
 
     @field_validator("name")
     @classmethod
@@ -464,6 +492,15 @@ class ExperimentConfig(Strict):
             raise ValueError(f"data.finetune.selfgen.datasets {sorted(unknown)} are not in data.finetune.datasets")
         if self.data.task == "instructions" and "promot" in self.train.methods:
             raise ValueError("train.methods: ProMoT needs a format to learn; use 'sft' with data.task 'instructions'")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch_divides_batch(self) -> "ExperimentConfig":
+        micro = self.runtime.promot_micro_batch
+        for name, size in (("train.batch_size", self.train.batch_size),
+                           ("train.promot.stage1.batch_size", self.train.promot.stage1.batch_size)):
+            if micro is not None and size % micro:
+                raise ValueError(f"runtime.promot_micro_batch: {micro} must divide {name} {size}")
         return self
 
     def resolved(self) -> dict:

@@ -27,11 +27,13 @@ losses drifted from the eager path's (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from harness import runtime
+from harness.runtime import Runtime
 
 IGNORE = -100  # label of positions that carry no loss (transformers' convention)
 LOGITS_PER_CHUNK = 1 << 27  # float32 logits held at once by the chunked loss: 512 MiB
@@ -39,16 +41,16 @@ LOGITS_PER_CHUNK = 1 << 27  # float32 logits held at once by the chunked loss: 5
 # Merged into SFTConfig / TrainingArguments by harness/sft.py when the fast path is on (see the module doc).
 FAST_TRAINING_ARGUMENTS = {"optim": "adamw_torch_fused"}
 
-_OFF = {"0", "false", "no", "off"}
 
-
-def fast_training_unavailable() -> str | None:
+def fast_training_unavailable(settings: Runtime | None = None) -> str | None:
     """Why `train_sft` would not take the fast path; None when it would (CUDA, and not switched off).
 
-    `HARNESS_FAST_TRAINING`: unset or `1` on, `0` (or false/no/off) off.
+    The switch is `runtime.fast_training` (harness/runtime.py; default the current runtime), which
+    `HARNESS_FAST_TRAINING` overrides: `1` (or true/yes/on) on, `0` (or false/no/off) off.
     """
-    if os.environ.get("HARNESS_FAST_TRAINING", "1").strip().lower() in _OFF:
-        return "switched off by HARNESS_FAST_TRAINING"
+    off = (settings or runtime.current()).switched_off("fast_training")
+    if off is not None:
+        return off
     if not torch.cuda.is_available():
         return "not on CUDA"
     return None

@@ -3,7 +3,8 @@
 Prompts are sorted by length before batching, so each batch pads little; outputs come back in the input
 order. On CUDA, transformers and peft models of the Llama family take the fast path of
 `harness.fast_generation` (continuous batching, static KV cache, CUDA graphs; several times faster, see
-benchmarks/RESULTS.md); `HARNESS_FAST_GENERATION=0` switches it off. Every other model and device goes
+benchmarks/RESULTS.md); `runtime.fast_generation: false` (or `HARNESS_FAST_GENERATION=0`)
+switches it off. Every other model and device goes
 through plain `generate` in sorted batches. Decoding is exactly what the caller asks for: greedy at temperature 0, otherwise plain
 temperature / top-p / min-p sampling, with the checkpoint's own defaults (top-k, repetition penalty)
 switched off so that the logged decoding setting is the whole story.
@@ -12,13 +13,12 @@ switched off so that the logged decoding setting is the whole story.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from harness import faults
+from harness import faults, runtime
 from harness.errors import HarnessError
 from harness.generation_cache import CacheScope
 
@@ -129,8 +129,9 @@ def generate_one_by_one(
 
 def fast_path_unavailable(model: Any) -> str | None:
     """Why `generate_responses` would not take the fast path for `model`; None when it would."""
-    if os.environ.get("HARNESS_FAST_GENERATION", "1").strip().lower() in {"0", "false", "no", "off"}:
-        return "switched off by HARNESS_FAST_GENERATION"
+    off = runtime.current().switched_off("fast_generation")  # runtime.fast_generation / HARNESS_FAST_GENERATION
+    if off is not None:
+        return off
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     if parameter is None or parameter.device.type != "cuda":
         return "not on CUDA"

@@ -12,22 +12,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import data, faults, formats, promot
+from harness import data, faults, formats, promot, runtime
 from harness.config import ExperimentConfig, config_hash
 from harness.errors import HarnessError
-from harness.checkpoints import has_checkpoint
 from harness.fast_training import fast_training_unavailable
 from harness.evals.benchmarks import EvaluationSetup
 from harness.evals.state import StateEvaluator
 from harness.evaluation import refusal_judge
 from harness.judge_validation import latest_validation, validation_tags
 from harness.judges import JudgeModels, build_judge
+from harness.methods import TRAINING_METHODS, training_method, training_set_key
 from harness.generation_cache import GenerationCache, file_digest
 from harness.metrics import task_metrics
 from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
-from harness.sft import train_sft
 from tracking import RunHandle, Tracker, resolve_tracking_uri
-from tracking.schema import SCHEMA_VERSION, ExperimentTag
+from tracking.schema import SCHEMA_VERSION, ExperimentTag, Kind, Tag
 from tracking.store import ui_command
 
 
@@ -137,6 +136,8 @@ class ExperimentRunner:
     def prepare(self) -> None:
         cfg = self.cfg
         self.check_schema_version()
+        # Kernels, precision and batching (`runtime:`, overridable by environment variables): a bad value fails here.
+        runtime.activate(runtime.resolve(cfg.runtime))
         self.data = prepare_data(cfg)
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
@@ -147,10 +148,11 @@ class ExperimentRunner:
         self.refusal_judges = list({judge.name: judge for judge in map(refusal_judge, self.judges)}.values())
         if cfg.eval.task:
             task_metrics(["warm-up"], ["warm-up"], sbert_model=cfg.eval.sbert_model)  # fails now if S-BERT can't load
-        if "promot" in cfg.train.methods:
-            self.check_promot()
+        for method in cfg.train.methods:
+            training_method(method).check(self)
         self.prepare_toxicity()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
+        self.tracker.run_tags = runtime.current().tags()
         self.tracker.set_experiment_tag(ExperimentTag.SCHEMA_VERSION, str(SCHEMA_VERSION))
         self.check_dataset_drift()
         # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every
@@ -212,18 +214,6 @@ class ExperimentRunner:
         if merged != recorded:
             self.tracker.set_experiment_tag(ExperimentTag.DATASET_CHECKSUMS, json.dumps(merged, sort_keys=True))
 
-    def check_promot(self) -> None:
-        """ProMoT's inputs that only a loaded model can check: the prompt fits, a reused prompt matches."""
-        settings = self.cfg.train.promot
-        promot.check_prompt_length(self.eval_model, settings.prompt_length, self.cfg.train.max_length)
-        if settings.prompt_path is not None:
-            prompt = promot.SoftPrompt.load(settings.prompt_path, expect_model_digest=model_digest(self.model_source))
-            hidden = self.eval_model.get_input_embeddings().weight.shape[1]
-            if prompt.embeddings.shape[1] != hidden:
-                raise promot.PromotError(
-                    f"stage-1 prompt {settings.prompt_path} has width {prompt.embeddings.shape[1]}, the model {hidden}"
-                )
-
     def base_unit(self) -> dict:
         """The resolved config that identifies the base model's evaluation unit."""
         return {"model": self.cfg.model, "model_digest": model_digest(self.model_source), "method": "base", "epoch": 0}
@@ -236,12 +226,12 @@ class ExperimentRunner:
             "method": method,
             "seed": seed,
             "data": self.data.set_identity[fmt],
-            # ProMoT's settings identify only ProMoT units: changing them must not "change" an SFT fine-tune.
-            "train": self.cfg.train.model_dump(mode="json", exclude=None if method == "promot" else {"promot"}),
+            # A method's own settings identify only its units: ProMoT's must not "change" an SFT fine-tune.
+            "train": training_method(method).train_identity(self.cfg.train),
         }
         # The study's method list is in the unit (existing hashes keep it), but in one order: a sweep's
         # [promot, sft] and a study's [sft, promot] must name the same fine-tune.
-        unit["train"]["methods"] = [name for name in ("sft", "promot") if name in self.cfg.train.methods]
+        unit["train"]["methods"] = [name for name in TRAINING_METHODS if name in self.cfg.train.methods]
         if self.cfg.train.optimizer == "adamw_torch":  # the default: leaves Study B's existing hashes unchanged
             unit["train"].pop("optimizer")
         return unit
@@ -291,110 +281,25 @@ class ExperimentRunner:
         if not self.train:  # `harness evaluate`: what no earlier run trained stays untrained
             self.untrained.append(f"{method}-{fmt}-seed{seed}")
             return
-        # Training without a checkpoint on disk (another machine's, or none yet) starts from step 0: the run that
-        # holds the loss curve is then replaced, not reattached, or it would mix two trainings (ProMoT: stage 2).
-        restart = method == "sft" and not has_checkpoint(output_dir)
+        recipe = training_method(method)
         with self.tracker.run("finetune", f"{method}-{fmt}-seed{seed}", tags, parent=parent, config=unit,
-                              config_hash=unit_hash, restart=restart) as run:
+                              config_hash=unit_hash, restart=recipe.restart(output_dir)) as run:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
             # Which training path ran (harness/fast_training.py): packing changes kernels, not the examples or losses.
-            slow_reason = fast_training_unavailable() if method == "sft" else "not used by promot"
-            run.set_tags({"harness.output_dir": output_dir.resolve(),
-                          "harness.fast_training": "on" if slow_reason is None else f"off: {slow_reason}"})
+            slow_reason = fast_training_unavailable() if recipe.uses_fast_training else f"not used by {method}"
+            run.set_tags({Tag.OUTPUT_DIR.key: output_dir.resolve(),
+                          Tag.FAST_TRAINING.key: "on" if slow_reason is None else f"off: {slow_reason}"})
             train_model, train_tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
-            if method == "sft":
-                checkpoints = train_sft(
-                    train_model, train_tokenizer, self.data.train[fmt], self.data.val[fmt], cfg.train,
-                    seed=seed, output_dir=output_dir, run=run,
-                )
-                del train_model
-                gc.collect()
-                self.evaluate_checkpoints(run, unit, tags, checkpoints)
-            else:
-                self.finetune_promot(run, unit, tags, train_model, train_tokenizer, output_dir)
-
-    def finetune_promot(self, run: RunHandle, unit: dict, tags: dict, model, tokenizer, output_dir: Path) -> None:
-        """ProMoT's two stages as nested `stage` runs; checkpoints hang under stage 2, evaluated without the prompt."""
-        cfg = self.cfg
-        fmt, seed = tags["format"], tags["seed"]
-        name = f"promot-{fmt}-seed{seed}"
-        prompt = self.stage1_prompt(run, tags, model, tokenizer)
-        stage2_unit = {**unit, "stage": 2}
-        with self.tracker.run("stage", f"{name}-stage2", {**tags, "stage": 2}, parent=run, config=stage2_unit,
-                              config_hash=config_hash(stage2_unit),
-                              restart=not has_checkpoint(output_dir / "stage2")) as stage2_run:
-            checkpoints = promot.train_stage2(
-                model, tokenizer, self.data.train[fmt], self.data.val[fmt], prompt, cfg.train, seed=seed,
-                output_dir=output_dir / "stage2", run=stage2_run,
-            )
-            del model
-            gc.collect()
-            self.evaluate_checkpoints(stage2_run, unit, tags, checkpoints,
-                                      prompt=prompt if cfg.train.promot.evaluate_with_prompt else None)
-
-    def stage1_unit(self, fmt: str, seed: int) -> dict:
-        """What ProMoT's stage 1 depends on and nothing else: a stage-2 setting (a sweep's learning rate, the
-        LoRA rank, the epochs) must not retrain the soft prompt, so fine-tunes that differ only there share it."""
-        unit = self.finetune_unit(fmt, "promot", seed)
-        train = self.cfg.train
-        unit["train"] = {"max_length": train.max_length, "quantize_4bit": train.quantize_4bit,
-                         "promot": train.promot.model_dump(mode="json", exclude={"evaluate_with_prompt"})}
-        return {**unit, "stage": 1}
+            recipe.train(self, run, unit, tags, output_dir, train_model, train_tokenizer)
 
     def made_by_trial(self, run) -> bool:
         parent_id = run.data.tags.get("mlflow.parentRunId")
-        return bool(parent_id) and self.tracker.client.get_run(parent_id).data.tags.get("harness.kind") == "trial"
-
-    def stage1_prompt(self, parent: RunHandle, tags: dict, model=None, tokenizer=None) -> promot.SoftPrompt:
-        """The soft prompt for (model, format, seed, stage-1 settings): a FINISHED stage 1 anywhere in the study
-        is reused and recorded on `parent` (`harness.prompt_source_run`); otherwise stage 1 is trained under it."""
-        fmt, seed = tags["format"], tags["seed"]
-        stage1_unit = self.stage1_unit(fmt, seed)
-        done = self.tracker.finished("stage", config_hash(stage1_unit))
-        if done is None:
-            if model is None:
-                model, tokenizer = load_model(self.cfg.model, quantize_4bit=self.cfg.train.quantize_4bit)
-            return self.promot_stage1(parent, stage1_unit, tags, model, tokenizer)
-        directory = Path(done.data.tags.get("harness.prompt_dir", ""))
-        if not (directory / promot.PROMPT_FILE).is_file():  # trained on another machine: take the logged artifact
-            directory = self.stage1_dir(fmt, seed, stage1_unit) / "downloaded"
-            directory.mkdir(parents=True, exist_ok=True)
-            directory = Path(self.tracker.client.download_artifacts(done.info.run_id, "soft_prompt", str(directory)))
-        prompt = promot.SoftPrompt.load(directory, expect_model_digest=stage1_unit["model_digest"])
-        if parent.run_id != done.data.tags.get("mlflow.parentRunId"):
-            parent.set_tags({"harness.prompt_source_run": done.info.run_id, "harness.prompt_source": directory.resolve(),
-                             "harness.prompt_sha256": prompt_sha256(prompt)})
-        return prompt
-
-    def stage1_dir(self, fmt: str, seed: int, stage1_unit: dict) -> Path:
-        return Path(self.cfg.output_dir) / self.cfg.name / f"promot-stage1-{fmt}-seed{seed}-{config_hash(stage1_unit)}"
-
-    def promot_stage1(self, run: RunHandle, stage1_unit: dict, tags: dict, model, tokenizer) -> promot.SoftPrompt:
-        """Stage 1 as its own run: train the soft prompt (or take a saved one) and log it as an artifact."""
-        cfg = self.cfg
-        fmt, seed = tags["format"], tags["seed"]
-        output_dir = self.stage1_dir(fmt, seed, stage1_unit)
-        with self.tracker.run("stage", f"promot-{fmt}-seed{seed}-stage1", {**tags, "stage": 1}, parent=run,
-                              config=stage1_unit, config_hash=config_hash(stage1_unit), restart=True) as stage1_run:
-            if cfg.train.promot.prompt_path is not None:
-                prompt = promot.SoftPrompt.load(cfg.train.promot.prompt_path, expect_model_digest=stage1_unit["model_digest"])
-                stage1_run.set_tags({"harness.prompt_source": cfg.train.promot.prompt_path.resolve()})
-                prompt.save(output_dir)
-            else:
-                prompt = promot.train_stage1(
-                    model, tokenizer, self.data.train[fmt], cfg.train.promot, cfg.train, seed=seed,
-                    output_dir=output_dir, run=stage1_run,
-                    meta={"model": cfg.model, "model_digest": stage1_unit["model_digest"], "format": fmt},
-                )
-            stage1_run.log_artifacts(str(output_dir), "soft_prompt")
-            stage1_run.set_tags({"harness.prompt_sha256": prompt_sha256(prompt),
-                                 "harness.prompt_dir": output_dir.resolve()})
-        return prompt
+        return bool(parent_id) and self.tracker.client.get_run(parent_id).data.tags.get(Tag.KIND.key) == Kind.TRIAL
 
     def evaluate_checkpoints(self, parent: RunHandle, unit: dict, tags: dict, checkpoints, *, prompt=None) -> None:
         """One `checkpoint` run per saved epoch, evaluated (with `prompt`: also with ProMoT's prompt attached)."""
         method, seed = tags["method"], tags["seed"]
-        key = tags["format"] if tags["format"] != "native" else tags["dataset"]  # the training-set key
+        key = training_set_key(tags)
         for checkpoint in checkpoints:
             ckpt_unit = {**unit, "epoch": checkpoint.epoch}
             ckpt_tags = {**tags, "epoch": checkpoint.epoch}
@@ -412,26 +317,20 @@ class ExperimentRunner:
     def evaluate_finished_finetune(self, done, unit: dict, tags: dict) -> None:
         """A fine-tune trained by an earlier invocation: each of its checkpoints gets what it lacks (a new judge,
         decoding or prompt selection), from stored responses where they exist, from its adapter otherwise."""
-        prompt = None
-
-        def stage1_prompt():
-            nonlocal prompt
-            if prompt is None:
-                prompt = self.stage1_prompt(RunHandle(self.tracker.client, done.info.run_id), tags)
-            return prompt
-
+        prompt = training_method(tags["method"]).evaluation_prompt(self, RunHandle(self.tracker.client, done.info.run_id),
+                                                                   tags)
         for checkpoint in descendants(self.tracker, done, "checkpoint"):
             epoch = int(checkpoint.data.tags.get("harness.epoch", 0))
             adapter = Path(checkpoint.data.tags.get("harness.adapter_path", ""))
             self.evaluate_checkpoint(checkpoint.info.run_id, {**unit, "epoch": epoch}, {**tags, "epoch": epoch},
-                                     adapter, stage1_prompt if tags["method"] == "promot" else lambda: None)
+                                     adapter, prompt)
 
     def evaluate_checkpoint(self, run_id: str, ckpt_unit: dict, ckpt_tags: dict, adapter_path: Path,
                             soft_prompt) -> None:
         """The checkpoint's model state, and with ProMoT's prompt attached when the config asks; the adapter is
         loaded only if something must be generated. `soft_prompt()` gives the prompt (or None)."""
         method, seed, epoch = ckpt_tags["method"], ckpt_tags["seed"], ckpt_tags["epoch"]
-        key = ckpt_tags["format"] if ckpt_tags["format"] != "native" else ckpt_tags["dataset"]
+        key = training_set_key(ckpt_tags)
 
         @contextmanager
         def adapter():
@@ -457,7 +356,7 @@ class ExperimentRunner:
                        f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
 
         self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], adapter)
-        if method == "promot" and self.cfg.train.promot.evaluate_with_prompt:
+        if soft_prompt() is not None:
             self.evaluate(run_id, {**ckpt_unit, "soft_prompt": True}, {**ckpt_tags, "soft_prompt": True},
                           (f"{method}+prompt", key, seed, epoch), [key], with_prompt)
 
@@ -490,12 +389,6 @@ class ExperimentRunner:
         headline = self.evaluator.evaluate(run_id, unit, tags, state_id=config_hash(unit), score_formats=score_formats,
                                            open_model=open_model)
         self.summary.append(SummaryRow(*label, metrics=headline))
-
-
-def prompt_sha256(prompt: promot.SoftPrompt) -> str:
-    """The soft prompt's digest as saved (its meta), else computed: the same value on the run that trained it
-    and on every run that reuses it."""
-    return prompt.meta.get("sha256") or promot.tensor_digest(prompt.embeddings)
 
 
 def children(tracker: Tracker, run) -> list:

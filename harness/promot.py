@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from harness.config import PromotConfig, TrainConfig
+from harness import runtime
+from harness.config import PromotConfig, RuntimeConfig, TrainConfig
 from harness.data import FinetuneRow
 from harness.errors import HarnessError
 from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
@@ -39,9 +39,9 @@ from tracking.schema import Tag
 
 PROMPT_FILE = "soft_prompt.safetensors"
 META_FILE = "soft_prompt.json"
-# ProMoT's numerics on CUDA (see `cuda_numerics`).
-DEFAULT_PROMOT_PRECISION = "fp32"  # measured: bf16 + SDPA went non-finite in stage 1 (benchmarks/promot_nan.py)
-DEFAULT_PROMOT_ATTENTION = "sdpa"
+# ProMoT's numerics on CUDA (see `cuda_numerics`); the defaults live in the config's `runtime:` section.
+DEFAULT_PROMOT_PRECISION = RuntimeConfig().promot_precision  # fp32, measured: bf16 + SDPA went non-finite in
+DEFAULT_PROMOT_ATTENTION = RuntimeConfig().promot_attention  # stage 1 (benchmarks/promot_nan.py); sdpa
 
 
 class PromotError(HarnessError):
@@ -195,19 +195,17 @@ def cuda_numerics(model) -> dict[str, str]:
 
     On the GPU (issue 12) Qwen2.5-Coder-1.5B's stage 1 (LR 0.1 on the soft prompt) produced non-finite
     gradients in bfloat16 in 4 of 6 runs, and one stage 2 did too; fp32 on the CPU never has. Two switches
-    let a run choose, and both are recorded: HARNESS_PROMOT_PRECISION=bf16|fp32 (fp32 uses TF32 matmuls)
-    and HARNESS_PROMOT_ATTENTION=sdpa|eager. The default, fp32 + SDPA, is the one measured to stay finite
+    let a run choose, and both are recorded: `runtime.promot_precision` bf16|fp32 (fp32 uses TF32 matmuls)
+    and `runtime.promot_attention` sdpa|eager (harness/runtime.py; HARNESS_PROMOT_PRECISION and
+    HARNESS_PROMOT_ATTENTION override them). The default, fp32 + SDPA, is the one measured to stay finite
     (bf16 + SDPA: NaN at step 8; fp32: finite, no slower in stage 1; bf16 + eager: finite but a gradient
     norm of 147). fp32 needs more memory: see `micro_batching`.
     """
-    micro = {Tag.PROMOT_MICRO_BATCH.key: os.environ.get("HARNESS_PROMOT_MICRO_BATCH") or "off"}
+    settings = runtime.current()
+    micro = {Tag.PROMOT_MICRO_BATCH.key: str(settings.promot_micro_batch or "off")}
     if not torch.cuda.is_available():
         return {Tag.PROMOT_PRECISION.key: "fp32 (cpu)", **micro}
-    precision = os.environ.get("HARNESS_PROMOT_PRECISION", DEFAULT_PROMOT_PRECISION)
-    attention = os.environ.get("HARNESS_PROMOT_ATTENTION", DEFAULT_PROMOT_ATTENTION)
-    if precision not in ("bf16", "fp32") or attention not in ("sdpa", "eager"):
-        raise PromotError(f"HARNESS_PROMOT_PRECISION must be bf16|fp32 and HARNESS_PROMOT_ATTENTION sdpa|eager, "
-                          f"got {precision!r} and {attention!r}")
+    precision, attention = settings.promot_precision, settings.promot_attention
     if precision == "fp32" and not getattr(model, "is_loaded_in_4bit", False):
         model.to(torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -217,19 +215,19 @@ def cuda_numerics(model) -> dict[str, str]:
 
 
 def micro_batching(batch_size: int, grad_accum: int) -> tuple[int, int]:
-    """(per-device batch, accumulation steps) with HARNESS_PROMOT_MICRO_BATCH applied.
+    """(per-device batch, accumulation steps) with `runtime.promot_micro_batch` (HARNESS_PROMOT_MICRO_BATCH) applied.
 
     Splitting each batch into micro-batches and accumulating them gives the same examples per optimizer step
     and the same token-normalised loss, in less memory: it is how a fine-tune that does not fit (ProMoT in fp32
     on a 1.5B model at batch 16, issue 12) runs at the paper's batch size. Not part of any unit's identity,
     like the fast training path; recorded as the tag `harness.promot_micro_batch`.
     """
-    requested = os.environ.get("HARNESS_PROMOT_MICRO_BATCH")
-    if not requested:
+    settings = runtime.current()
+    micro = settings.promot_micro_batch
+    if micro is None:
         return batch_size, grad_accum
-    micro = int(requested) if requested.isdigit() else 0
-    if micro < 1 or batch_size % micro:
-        raise PromotError(f"HARNESS_PROMOT_MICRO_BATCH={requested} must divide train.batch_size {batch_size}")
+    if batch_size % micro:  # the config checks its own value; an environment override is checked here
+        raise PromotError(f"{settings.source('promot_micro_batch')}={micro} must divide train.batch_size {batch_size}")
     return micro, grad_accum * (batch_size // micro)
 
 
@@ -237,8 +235,7 @@ def _arguments(output_dir: Path, *, learning_rate, lr_scheduler, warmup_steps, b
                gradient_checkpointing: bool, epochs: float | None = None, max_steps: int = -1, eval_rows: bool,
                save_epochs: bool = False) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported() and os.environ.get(
-        "HARNESS_PROMOT_PRECISION", DEFAULT_PROMOT_PRECISION) == "bf16"
+    bf16 = on_gpu and torch.cuda.is_bf16_supported() and runtime.current().promot_precision == "bf16"
     train_batch, grad_accum = micro_batching(batch_size, grad_accum)
     return TrainingArguments(
         output_dir=str(output_dir),

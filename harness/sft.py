@@ -9,7 +9,8 @@ SFT with the fast path": 2.7x tokens/s on Study B rows): a micro-batch's example
 most `max_length` tokens instead of padded to the longest (`PackedClassCollator`, which carries the
 format/content `token_classes` along), the gradient-accumulation micro-batches of a step are merged into one
 forward pass where the packed step fits the padded path's token budget (`merge_accumulation`), and AdamW is
-the fused one. `HARNESS_FAST_TRAINING=0` switches it off. The examples of every step, the steps, the
+the fused one. `runtime.fast_training: false` (or `HARNESS_FAST_TRAINING=0`) switches it off. The examples
+of every step, the steps, the
 learning-rate schedule, the loss normalisation (summed token loss over the step's loss tokens) and the logged
 losses are the same either way; only padding and kernels change.
 """

@@ -41,6 +41,7 @@ from harness.config import (
     ExperimentConfig, Float, Format, Int, Strict, _one_line, config_hash, parse_config, read_yaml, safe_name,
 )
 from harness.errors import HarnessError
+from harness.methods import training_method
 from tracking.schema import (HARMFUL_MIX, WIKIHOW, ExperimentTag, Kind, Metric, Tag, judge_name, loads_tag,
                              of_current_selection)
 
@@ -349,7 +350,8 @@ class Sweep:
         self.tracker = self.runner.tracker
         self.open_study(storage_url(self.sweep, self.tracker.tracking_uri))
         # Everything but the searched fields identifies the study: another model or data under the same name is an error.
-        identity = config_hash({"experiment": {**self.cfg.resolved(), "tracking": None, "output_dir": None},
+        identity = config_hash({"experiment": {**self.cfg.resolved(), "tracking": None, "output_dir": None,
+                                               "runtime": None},  # how it computes, not what: recorded on runs
                                 "method": self.sweep.method, "format": self.sweep.format, "judge": self.judge,
                                 "params": sorted(self.sweep.params)})
         recorded = self.study.user_attrs.get("harness_identity")
@@ -436,11 +438,11 @@ class Sweep:
                     self.runner.finetune("sft", self.sweep.format, seed, parent=self.sweep_run)
                     hashes.append(self.runner.finetune_unit(self.sweep.format, "sft", seed))
                 refs["sft"] = self.objectives(hashes)
-            if self.sweep.method == "promot":
+            if self.sweep.method == "promot":  # every trial shares its seed's stage-1 prompt: trained once, here
                 for seed in self.cfg.seeds:
-                    self.runner.stage1_prompt(self.sweep_run, {Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task,
-                                                               Tag.FORMAT: self.sweep.format, Tag.METHOD: "promot",
-                                                               Tag.SEED: seed})
+                    tags = {Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task, Tag.FORMAT: self.sweep.format,
+                            Tag.METHOD: "promot", Tag.SEED: seed}
+                    training_method("promot").stage1_prompt(self.runner, self.sweep_run, tags)
         self.references = refs
         for name, values in refs.items():
             self.sweep_run.log_metrics({f"reference_{name}_{key}": values[key]

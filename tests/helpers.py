@@ -112,11 +112,16 @@ def run_study(workdir: Path, study: dict):
     config.write_text(yaml.safe_dump(study))
     done = run_cli(["run", str(config)], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
+    return (done, *open_study(workdir, study["name"]))
+
+
+def open_study(workdir: Path, name: str):
+    """A client on the store `harness run` made in `workdir`, and all runs of study `name` there."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(study["name"])
-    return done, client, client.search_runs([experiment.experiment_id], max_results=1000)
+    experiment = client.get_experiment_by_name(name)
+    return client, client.search_runs([experiment.experiment_id], max_results=5000)
 
 
 def of_kind(runs, kind):

@@ -122,6 +122,9 @@ class Tracker:
         self.study = study
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.run_tags: dict[str, str] = {}
+        """Full-name tags set on every run this tracker opens, under the run's own (the runner puts the
+        resolved `runtime:` settings here, so every run says how it computed)."""
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
@@ -151,7 +154,7 @@ class Tracker:
         """
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
-        all_tags = {Tag.KIND.key: kind, Tag.STUDY.key: self.study}
+        all_tags = {Tag.KIND.key: kind, Tag.STUDY.key: self.study, **self.run_tags}
         all_tags.update({f"{TAG_PREFIX}{key}": value for key, value in tags.items() if value is not None})
         if config_hash:
             all_tags[Tag.CONFIG_HASH.key] = config_hash

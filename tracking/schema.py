@@ -70,6 +70,7 @@ class Tag(StrEnum):
     OUTPUT_DIR = "output_dir"
     OPTIMIZER = "optimizer"
     FAST_TRAINING = "fast_training"
+    """`on`, or `off: <why>` (switched off, not on CUDA, not used by promot): which SFT training path ran."""
     PROMOT_PRECISION = "promot_precision"
     PROMOT_ATTENTION = "promot_attention"
     PROMOT_MICRO_BATCH = "promot_micro_batch"
@@ -91,6 +92,12 @@ class Tag(StrEnum):
     GENERATION_RUN = "generation_run"
     GENERATION_HASH = "generation_hash"
     FAST_GENERATION = "fast_generation"
+    """`on` (generation takes harness/fast_generation.py's path for the models it supports), or `off: <why>`."""
+    # how a run computed (harness/runtime.py): every run
+    RUNTIME = "runtime"
+    """JSON of the resolved `runtime:` settings (config, then environment overrides) the run computed with."""
+    RUNTIME_OVERRIDES = "runtime_overrides"
+    """Comma-separated environment variables that overrode the config's `runtime:` section, or `none`."""
     TOXICITY_SCORER = "toxicity_scorer"
     TOXICITY_CATEGORIES = "toxicity_categories"
     # which judge validation an evaluation relied on (harness/judge_validation.py: validation_tags)

@@ -62,8 +62,8 @@ class Benchmark:
 
     name: ClassVar[str]
 
-    @staticmethod
-    def applies(setup: EvaluationSetup) -> bool:
+    @classmethod
+    def applies(cls, setup: EvaluationSetup) -> bool:
         return True
 
     def prompts(self, setup: EvaluationSetup, score_formats: list[str]) -> list[str]:
@@ -108,20 +108,30 @@ class HarmfulMix(Benchmark):
         return scorings
 
 
-class XSTestUnsafe(Benchmark):
-    """XSTest's unsafe contrast prompts: ASR by every judge (what over-refusal is measured against)."""
+class XSTest(Benchmark):
+    """One half of XSTest (Röttger et al. 2024), as `eval.xstest` chose it."""
 
-    name = XSTEST_UNSAFE
+    part: ClassVar[str]
 
-    @staticmethod
-    def applies(setup):
-        return bool(setup.data.xstest_unsafe)
+    @classmethod
+    def applies(cls, setup):
+        return bool(cls.chosen(setup))
+
+    @classmethod
+    def chosen(cls, setup) -> list:
+        return getattr(setup.data, f"xstest_{cls.part}")
 
     def prompts(self, setup, score_formats):
-        return [prompt.prompt for prompt in setup.data.xstest_unsafe]
+        return [prompt.prompt for prompt in self.chosen(setup)]
 
     def selection(self, setup):
         return {"xstest": setup.cfg.eval.xstest.model_dump(mode="json")}
+
+
+class XSTestUnsafe(XSTest):
+    """XSTest's unsafe contrast prompts: ASR by every judge (what over-refusal is measured against)."""
+
+    name, part = XSTEST_UNSAFE, "unsafe"
 
     def scorings(self, setup, score_formats):
         return [
@@ -132,20 +142,10 @@ class XSTestUnsafe(Benchmark):
         ]
 
 
-class XSTestSafe(Benchmark):
+class XSTestSafe(XSTest):
     """XSTest's safe prompts: over-refusal, once per refusal family (`evaluation.refusal_judge`)."""
 
-    name = XSTEST_SAFE
-
-    @staticmethod
-    def applies(setup):
-        return bool(setup.data.xstest_safe)
-
-    def prompts(self, setup, score_formats):
-        return [prompt.prompt for prompt in setup.data.xstest_safe]
-
-    def selection(self, setup):
-        return {"xstest": setup.cfg.eval.xstest.model_dump(mode="json")}
+    name, part = XSTEST_SAFE, "safe"
 
     def scorings(self, setup, score_formats):
         return [
@@ -163,8 +163,8 @@ class TaskTest(Benchmark):
 
     name = WIKIHOW
 
-    @staticmethod
-    def applies(setup):
+    @classmethod
+    def applies(cls, setup):
         return bool(setup.cfg.eval.task) and bool(setup.data.test)
 
     def prompts(self, setup, score_formats):

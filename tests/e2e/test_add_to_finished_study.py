@@ -93,6 +93,9 @@ def test_the_first_run_generates_once_per_state_benchmark_and_decoding(finished_
     assert counts["prompts"] == (3 + 1 + 1 + 1) * N_STATES
     runs = runs_by_kind(folder)
     assert len(runs["generation"]) == 4 * N_STATES
+    for run in (run for kind in runs.values() for run in kind.values()):  # every run says how it computed
+        assert json.loads(run.data.tags["harness.runtime"])["promot_precision"] == "fp32"
+        assert run.data.tags["harness.runtime_overrides"] == "none"
     for run in runs["evaluation"].values():
         generation = runs["generation"][run.data.tags["harness.generation_run"]]
         assert generation.data.tags["harness.config_hash"] == run.data.tags["harness.generation_hash"]

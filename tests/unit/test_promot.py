@@ -218,8 +218,9 @@ def test_the_pipeline_evaluates_promot_checkpoints_without_the_prompt_unless_ask
                                                                                     tmp_path):
     """Study B evaluates base model + stage-2 adapter alone (the prompt, holding the format, is thrown away);
     `train.promot.evaluate_with_prompt` adds a second evaluation of each checkpoint with the prompt put back.
-    Runs the pipeline's `finetune_promot` on a tiny model, with a stub for what evaluates a model state."""
+    Runs the ProMoT recipe (harness/methods.py) on a tiny model, with a stub for what evaluates a model state."""
     from harness.config import parse_config
+    from harness.methods import ProMoT
     from harness.pipeline import ExperimentRunner, PreparedData
 
     cfg = parse_config({
@@ -232,7 +233,8 @@ def test_the_pipeline_evaluates_promot_checkpoints_without_the_prompt_unless_ask
     runner.eval_model, runner.tokenizer, runner.tracker = tiny_llama(tokenizer), tokenizer, _FakeTracker()
     runner.data = PreparedData(train={"json": rows[:4]}, val={"json": []}, test={}, harmful=[], checksums={})
     prompt = promot.SoftPrompt(promot.initial_prompt(runner.eval_model, tokenizer, 8, "random", None, seed=1), {})
-    runner.stage1_prompt = lambda *args, **kwargs: prompt
+    recipe = ProMoT()
+    recipe.stage1_prompt = lambda *args, **kwargs: prompt
     runner.base_state = lambda: "tiny"
     evaluated = []
 
@@ -244,8 +246,8 @@ def test_the_pipeline_evaluates_promot_checkpoints_without_the_prompt_unless_ask
     runner.evaluate = evaluate
 
     tags = {"model": "tiny", "dataset": "wikihow", "format": "json", "method": "promot", "seed": 0}
-    runner.finetune_promot(RecordingRun(), {"method": "promot"}, tags, tiny_llama(tokenizer), tokenizer,
-                           tmp_path / "promot")
+    recipe.train(runner, RecordingRun(), {"method": "promot"}, tags, tmp_path / "promot", tiny_llama(tokenizer),
+                 tokenizer)
 
     assert [evaluation_tags["epoch"] for _, _, evaluation_tags, _ in evaluated] == ([1, 1] if with_prompt else [1])
     adapter, unit, tags, adapter_weights = evaluated[0]
