@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
 from harness.methods import TRAINING_METHODS
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, decode_text
 
 Format = Literal["prose", "list", "json"]
 Method = Literal[tuple(TRAINING_METHODS)]  # the training-method registry's names (harness/methods.py)
@@ -572,12 +572,7 @@ def read_yaml(path: str | Path) -> object:
         raw = path.read_bytes()
     except OSError as error:
         raise HarnessError(f"{path}: cannot read the config file ({error.strerror or error})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        raise HarnessError(f"{path}: line {line} is not UTF-8 text (byte {raw[error.start]:#04x}); save the file as "
-                           "UTF-8") from None
+    text = decode_text(path, raw)
     try:
         return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.reader.ReaderError as error:  # a control character YAML does not allow

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, decode_text
 
 _log = logging.getLogger(__name__)
 
@@ -397,17 +397,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 _CORRUPT = "the file is truncated or corrupt: restore it from the original"
 
 
-def _decode(path: Path, raw: bytes, encoding: str) -> str:
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as error:
-        offset = error.start + len(raw) - len(error.object)  # utf-8-sig reports offsets after a BOM
-        line = raw.count(b"\n", 0, offset) + 1
-        raise DatasetError(
-            f"{path}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}, line {line}); re-save it as UTF-8"
-        ) from None
-
-
 def _read_csv(path: Path, text: str) -> list[Record]:
     """CSV records; a quoted field never closed, or a record with more or fewer fields than the header, is an
     error (a file cut mid-record looks like that) instead of a row with missing values."""
@@ -458,9 +447,9 @@ def _read_file(path: Path) -> list[Record]:
     except OSError as error:
         raise DatasetError(f"{path}: cannot be read ({error.strerror or error})") from None
     if path.suffix == ".csv":
-        records = _read_csv(path, _decode(path, raw, "utf-8-sig"))
+        records = _read_csv(path, decode_text(path, raw, "utf-8-sig", DatasetError))
     else:
-        records = _read_json(path, _decode(path, raw, "utf-8"))
+        records = _read_json(path, decode_text(path, raw, "utf-8", DatasetError))
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise DatasetError(f"{path} record {number}: expected an object of named fields, found a "
@@ -498,11 +487,17 @@ def _missing_message(spec: DatasetSpec, root: Path | None, rel: str | None, hub_
     return " ".join(f"dataset '{spec.name}' {where}; {hub_note}{fix}".splitlines())
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off ($HF_HUB_OFFLINE, read as huggingface_hub reads it): models
+    and datasets then load only from local copies, and say so instead of trying the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _hub_records(spec: DatasetSpec, root: Path | None, rel: str | None) -> dict[str, list[Record]]:
     """Records per split from the HF hub, or a one-line DatasetNotFoundError."""
     if spec.hub_id is None:
         raise DatasetNotFoundError(_missing_message(spec, root, rel, "it is not on the HF hub; "))
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline():
         hint = f"HF_HUB_OFFLINE=1 so the hub copy {spec.hub_id} was not tried; " if rel else "HF_HUB_OFFLINE=1; "
         raise DatasetNotFoundError(_missing_message(spec, root, rel, hint))
     try:

@@ -7,6 +7,18 @@ class HarnessError(Exception):
     """A user-facing error: one line naming the bad field, file or value."""
 
 
+def decode_text(path, raw: bytes, encoding: str = "utf-8", error: type[HarnessError] = HarnessError) -> str:
+    """A file's bytes as text; bytes that are not UTF-8 are one line naming the file, line, byte and offset
+    (config files and dataset files alike)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as problem:
+        offset = problem.start + len(raw) - len(problem.object)  # utf-8-sig reports offsets after a BOM
+        line = raw.count(b"\n", 0, offset) + 1
+        raise error(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}); "
+                    "re-save it as UTF-8") from None
+
+
 def one_line_errors(command):
     """CLI contract: a HarnessError becomes `error: ...` on stderr and exit code 2 instead of a traceback.
 

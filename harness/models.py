@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from harness.data import hub_offline
 from harness.errors import HarnessError
 
 # Bump when the conversion below changes what it writes, so old cache entries are not reused.
@@ -360,10 +361,6 @@ UNVERIFIED = "cannot be verified"
 """In a `check_model` line: the model could not be verified (offline, network), which is not an error."""
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _check_tokenizer(spec: str, location: str, revision: str | None = None) -> None:
     """The tokenizer loads (small files, no weights) and has a chat template; else one line naming `location`."""
     from transformers import AutoTokenizer
@@ -435,7 +432,7 @@ def _check_hub(spec: str, source: ModelSource) -> str:
     import huggingface_hub
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if _offline():
+    if hub_offline():
         cached = huggingface_hub.try_to_load_from_cache(source.location, "config.json", revision=source.revision)
         if not isinstance(cached, str):
             return (f"{UNVERIFIED} offline (HF_HUB_OFFLINE=1) and is not in the local Hugging Face cache, so "
