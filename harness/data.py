@@ -487,6 +487,11 @@ def _missing_message(spec: DatasetSpec, root: Path | None, rel: str | None, hub_
     return " ".join(f"dataset '{spec.name}' {where}; {hub_note}{fix}".splitlines())
 
 
+DROPPED_ROWS: dict[str, int] = {}
+"""Dataset name → records `data.bad_rows: drop` skipped at its latest load in this process; the runner
+records it on every run (`harness.rows_dropped`), so a number never rests on rows silently left out."""
+
+
 def hub_offline() -> bool:
     """Whether the Hugging Face hub is switched off ($HF_HUB_OFFLINE, read as huggingface_hub reads it): models
     and datasets then load only from local copies, and say so instead of trying the network."""
@@ -559,6 +564,7 @@ def _rows(spec: DatasetSpec, data_dir: str | os.PathLike | None, row_fn: RowFn |
                 dropped += 1
             else:
                 raise DatasetError(f"{origin} record {index + 1}: {problem} (data.bad_rows: drop skips such rows)")
+    DROPPED_ROWS[spec.name] = dropped
     if dropped:
         _log.warning("dataset %s: dropped %d record(s) with empty or non-text fields", spec.name, dropped)
     return rows

@@ -138,6 +138,7 @@ class ExperimentRunner:
         self.check_schema_version()
         # Kernels, precision and batching (`runtime:`, overridable by environment variables): a bad value fails here.
         runtime.activate(runtime.resolve(cfg.runtime))
+        data.DROPPED_ROWS.clear()  # what this study's data left out, not an earlier load's
         self.data = prepare_data(cfg)
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
@@ -152,7 +153,9 @@ class ExperimentRunner:
             training_method(method).check(self)
         self.prepare_toxicity()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
-        self.tracker.run_tags = runtime.current().tags()
+        dropped = {name: count for name, count in sorted(data.DROPPED_ROWS.items()) if count}
+        self.tracker.run_tags = {**runtime.current().tags(),
+                                 Tag.ROWS_DROPPED.key: ",".join(f"{name}:{n}" for name, n in dropped.items()) or "none"}
         self.tracker.set_experiment_tag(ExperimentTag.SCHEMA_VERSION, str(SCHEMA_VERSION))
         self.check_dataset_drift()
         # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every

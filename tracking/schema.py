@@ -110,6 +110,8 @@ class Tag(StrEnum):
     JUDGE_KAPPA = "judge_kappa"
     JUDGE_KAPPA_CI = "judge_kappa_ci"
     VALIDATION_KAPPA = "judge_kappa"  # alias of JUDGE_KAPPA: no run carries a tag `validation_kappa`
+    ROWS_DROPPED = "rows_dropped"
+    """`dataset:count,...` of records `data.bad_rows: drop` left out of the study's data, or `none`."""
     # datasets (kind dataset)
     DATASET_PATH = "dataset_path"
     DATASET_SHA256 = "dataset_sha256"

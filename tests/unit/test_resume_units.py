@@ -188,6 +188,28 @@ def test_empty_fields_are_rejected_or_dropped_with_a_count(data_copy, caplog):
     assert "dropped 1 record" in caplog.text
 
 
+def test_rows_a_study_dropped_are_recorded_on_its_runs(data_copy, tmp_path):
+    from harness.config import parse_config
+    from harness.pipeline import ExperimentRunner
+
+    path = data_copy / "advbench" / "harmful_behaviors.csv"
+    lines = path.read_text().splitlines()
+    lines.insert(3, ',"sure, here is nothing"')
+    path.write_text("\n".join(lines) + "\n")
+    cfg = parse_config({
+        "name": "dropped", "model": "smollm2-135m-instruct",
+        "data": {"data_dir": str(data_copy), "formats": ["list"], "train_size": 2, "val_size": 0, "test_size": 1,
+                 "harmful": {"sources": {"advbench": 1}}},  # bad_rows: drop is the default
+        "eval": {"task": False, "xstest": None, "evaluate_base": False},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"}, "seeds": [0],
+    })
+    runner = ExperimentRunner(cfg)
+    runner.prepare()
+    with runner.tracker.run("report", "probe", {}) as run:
+        pass
+    assert runner.tracker.client.get_run(run.run_id).data.tags["harness.rows_dropped"] == "advbench:1"
+
+
 def test_changed_dataset_is_an_error_unless_a_new_version_is_asked_for(data_copy, tmp_path):
     from harness.config import parse_config
     from harness.pipeline import ExperimentRunner
