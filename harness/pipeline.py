@@ -432,7 +432,10 @@ def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False, train: b
     if new_version:
         cfg = cfg.model_copy(update={"name": Tracker.next_version(cfg.name, cfg.tracking.uri)})
     runner = ExperimentRunner(cfg, train=train)
-    summary = runner.run()
+    try:
+        summary = runner.run()
+    finally:
+        runtime.activate(None)  # the study's runtime settings end with it
     unfinished = sum(run.info.status != "FINISHED" for run in runner.tracker.search())
     return StudyResult(summary, ui_command(runner.tracker.tracking_uri), unfinished, dict(runner.evaluator.counts),
                        runner.untrained)

@@ -466,7 +466,8 @@ class Sweep:
         for checkpoint in checkpoints:
             for run in children(self.tracker, checkpoint):
                 tags = run.data.tags
-                if run.info.status != "FINISHED" or tags.get(Tag.SOFT_PROMPT.key) == "True":
+                if run.info.status != "FINISHED" or tags.get(Tag.KIND.key) != Kind.EVALUATION \
+                        or tags.get(Tag.SOFT_PROMPT.key) == "True":
                     continue
                 # only what this config evaluates: its prompt selection and decodings, not a grown study's others
                 if not of_current_selection(tags, current) or \

@@ -1,20 +1,22 @@
 """Fixtures for the end-to-end tests (the real CLI, real stores, real processes). Every test here is marked e2e.
 
 `shared_study` is the session's one quickstart-sized Study B store (tests/shared_store.py), for every test that
-only reads a study's store: test_end_to_end.py, test_end_to_end_promot.py and test_figures.py. A test that must
-change a store copies it first (test_figures.py copies the database), or runs a study of its own (test_resume.py,
-test_sweep_e2e.py, test_add_to_finished_study.py). When the session ends the study's folder must be byte for byte
-what `harness run` left.
+only reads a study's store: test_end_to_end.py, test_end_to_end_promot.py and test_figures.py (each lists its
+job in BACKGROUND_JOBS, so it is built beside the unit tests). A test that must change a store copies it first
+(test_figures.py copies the database), or has a study of its own (test_resume.py, test_sweep_e2e.py,
+test_add_to_finished_study.py). When the session ends the shared study's folder must be byte for byte what
+`harness run` left.
 """
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from helpers import fingerprint
 from mlflow import MlflowClient
 
-from shared_store import SHARED_STUDY
+from shared_store import JOB, SHARED_STUDY
 
 HERE = Path(__file__).resolve().parent
 
@@ -23,15 +25,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
-
-
-def fingerprint(folder: Path) -> str:
-    """Every file's path, size and content under `folder`."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -47,14 +40,13 @@ class Study:
 
 
 @pytest.fixture(scope="session")
-def shared_study(_shared_study_run):
-    """The shared study once `harness run` (started with the session, tests/conftest.py) has finished."""
-    run = _shared_study_run
-    done = run.wait()
+def shared_study(background):
+    """The shared study once `harness run` on it (a background job, tests/shared_store.py) has finished."""
+    workdir, (done,) = background.result(JOB.name)
     assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{run.workdir / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(SHARED_STUDY["name"])
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
-    before = fingerprint(run.workdir)
-    yield Study(run.workdir, done, client, runs)
-    assert fingerprint(run.workdir) == before, "a test changed the shared study's folder; copy it instead"
+    before = fingerprint(workdir)
+    yield Study(workdir, done, client, runs)
+    assert fingerprint(workdir) == before, "a test changed the shared study's folder; copy it instead"

@@ -8,6 +8,7 @@ classifier can be had offline), so the toxicity path runs too; its scores are me
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,13 +16,17 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import run_cli, run_study, tag, tiny_toxicity_classifier
+from background import Job, Step, harness
+from helpers import open_study, tag
 
 pytestmark = pytest.mark.e2e
 
 QUICKSTART = Path(__file__).parents[2] / "experiments" / "quickstart_consistency.yaml"
 SETS = ["alpaca", "dolly15k"]
 SEEDS, EPOCHS = ["0", "1"], [1, 2]
+CONFIG = yaml.safe_load(QUICKSTART.read_text())
+CLASSIFIER = ("import sys; sys.path.insert(0, sys.argv[1]); from helpers import tiny_toxicity_classifier; "
+              "tiny_toxicity_classifier(sys.argv[2])")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -29,21 +34,34 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("consistency")
-    config = yaml.safe_load(QUICKSTART.read_text())
-    config["eval"]["toxicity"] = {"backend": "local", "model_path": str(tiny_toxicity_classifier(workdir / "clf")),
-                                  "categories": ["hate_speech,offensive_language"]}
-    done, client, runs = run_study(workdir, config)
+def study_steps(workdir: Path) -> list[Step]:
+    """The shipped YAML plus the toxicity key, through `harness run`, `report consistency` and `figures`."""
+    config = {**CONFIG, "eval": {**CONFIG["eval"], "toxicity": {
+        "backend": "local", "model_path": str(workdir / "clf"), "categories": ["hate_speech,offensive_language"]}}}
+    (workdir / "study.yaml").write_text(yaml.safe_dump(config))
     database = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
-    report = run_cli(["report", "consistency", "--study", config["name"], "--out", str(workdir / "reports"),
-                      "--tracking-uri", database], cwd=workdir)
-    assert report.returncode == 0, report.stderr[-3000:]
-    figures = run_cli(["figures", "--study", config["name"], "--out", str(workdir / "figures"), "--tracking-uri", database],
-                      cwd=workdir)
-    assert figures.returncode == 0, figures.stderr[-3000:]
-    return {"workdir": workdir, "client": client, "runs": runs, "config": config, "figures": figures}
+    return [
+        Step([sys.executable, "-c", CLASSIFIER, str(Path(__file__).parents[1]), str(workdir / "clf")]),
+        harness("run", "study.yaml"),
+        harness("report", "consistency", "--study", config["name"], "--out", str(workdir / "reports"),
+                "--tracking-uri", database),
+        harness("figures", "--study", config["name"], "--out", str(workdir / "figures"), "--tracking-uri", database),
+    ]
+
+
+BACKGROUND_JOBS = [Job("consistency", study_steps, readers=("study",))]
+
+
+@pytest.fixture(scope="module")
+def study(background):
+    """The study, its consistency report and its figures: built in the background (tests/background.py)."""
+    workdir, steps = background.result("consistency")
+    for step in steps:
+        assert step.returncode == 0, (step.args, step.stderr[-3000:])
+    assert len(steps) == 4
+    client, runs = open_study(workdir, CONFIG["name"])
+    config = yaml.safe_load((workdir / "study.yaml").read_text())
+    return {"workdir": workdir, "client": client, "runs": runs, "config": config, "figures": steps[3]}
 
 
 def of_kind(runs, kind):

@@ -11,12 +11,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+import shared_store
 from helpers import of_kind, run_cli, tag
 from shared_store import (
     BATCH_SIZE, EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, METHODS, SHARED_STUDY, TRAIN_SIZE, XSTEST_SAFE, XSTEST_UNSAFE,
 )
 
 pytestmark = pytest.mark.e2e
+BACKGROUND_JOBS = [shared_store.JOB]
 
 HARMFUL = sum(HARMFUL_SOURCES.values())
 

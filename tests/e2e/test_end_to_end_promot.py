@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+import shared_store
 from helpers import of_kind, tag
 from shared_store import BATCH_SIZE, EPOCHS, FORMATS, JUDGES, PROMPT_LENGTH, SHARED_STUDY, TRAIN_SIZE
 
 pytestmark = pytest.mark.e2e
+BACKGROUND_JOBS = [shared_store.JOB]
 
 FORMAT = "json"
 STAGE1_EPOCHS = SHARED_STUDY["train"]["promot"]["stage1"]["epochs"]

@@ -15,10 +15,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from harness import figures, figures_study_b
+import shared_store
 from helpers import run_cli
 from shared_store import EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, SHARED_STUDY
 
 pytestmark = pytest.mark.e2e
+BACKGROUND_JOBS = [shared_store.JOB]
 
 STUDY = SHARED_STUDY
 FIGURES = ["fig3_asr", "fig3_asr_by_epoch", "asr_vs_over_refusal", "fig4_train_loss", "fig4_loss_format_vs_content"]

@@ -4,16 +4,20 @@ Real processes and real signals: `HARNESS_KILL_AT=POINT:N` makes the harness SIG
 like a pre-empted job) the N-th time it passes POINT (harness/faults.py); `HARNESS_INTERRUPT_AT` sends
 SIGINT (Ctrl-C). One study is run straight through; a copy of it is killed at every point in turn, each
 rerun carrying it further, and the two MLflow stores must then hold the same finished runs with the same
-numbers, and no duplicates.
+numbers, and no duplicates. Both are built in the background (tests/background.py); every process runs torch on
+one thread, so the two stores' numbers can be compared exactly whatever else runs beside them.
 """
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from helpers import run_cli, tag
+from background import ONE_THREAD, Job, Step, harness
+from helpers import tag
 
 pytestmark = pytest.mark.e2e
 
@@ -72,25 +76,55 @@ def unit_key(run) -> tuple:
     return tag(run, "kind"), run.info.run_name, tag(run, "config_hash")
 
 
+# The finished, killed and failed fine-tunes' statuses in a store, printed as JSON (a step of `interrupted_steps`).
+FINETUNE_STATES = """
+import json, sys
+from mlflow import MlflowClient
+client = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlruns/mlflow.db")
+experiment = client.get_experiment_by_name(sys.argv[2])
+runs = client.search_runs([experiment.experiment_id], max_results=1000)
+print(json.dumps(sorted({run.info.status for run in runs if run.data.tags.get("harness.kind") == "finetune"})))
+"""
+
+
+def straight_steps(workdir: Path) -> list[Step]:
+    return [harness("run", str(write_study(workdir)), **ONE_THREAD)]
+
+
+def interrupted_steps(workdir: Path) -> list[Step]:
+    """Each kill in turn (the run may fail: it was killed), the fine-tunes' statuses after it, then a clean rerun."""
+    config = str(write_study(workdir))
+    steps = []
+    for variable, point in KILLS:
+        steps.append(harness("run", config, check=False, **{variable: point}, **ONE_THREAD))
+        steps.append(Step([sys.executable, "-c", FINETUNE_STATES, str(workdir), STUDY["name"]]))
+    return steps + [harness("run", config, **ONE_THREAD)]
+
+
+# Both built in the background (tests/background.py), one after the other.
+BACKGROUND_JOBS = [Job("resume-straight", straight_steps, readers=("straight",)),
+                   Job("resume-interrupted", interrupted_steps, readers=("interrupted",))]
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight")
-    done = run_cli(["run", str(write_study(workdir))], cwd=workdir)
+def straight(background):
+    """The study run straight through."""
+    workdir, (done,) = background.result("resume-straight")
     assert done.returncode == 0, done.stderr[-3000:]
     return store(workdir)
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("interrupted")
-    config = write_study(workdir)
+def interrupted(background):
+    """Per kill: (variable, point, the killed run, the fine-tunes' statuses after it); the final rerun; its store."""
+    workdir, steps = background.result("resume-interrupted")
     outcomes = []
-    for variable, point in KILLS:
-        done = run_cli(["run", str(config)], cwd=workdir, env_extra={variable: point})
-        outcomes.append((variable, point, done))
-        client, runs = store(workdir)
-        outcomes[-1] += ({run.info.status for run in runs if tag(run, "kind") == "finetune"},)
-    final = run_cli(["run", str(config)], cwd=workdir)
+    for number, (variable, point) in enumerate(KILLS):
+        assert len(steps) > 2 * number + 1, steps[-1].stderr[-3000:]  # a statuses step failed
+        done, states = steps[2 * number], steps[2 * number + 1]
+        outcomes.append((variable, point, done, set(json.loads(states.stdout))))
+    assert len(steps) == 2 * len(KILLS) + 1
+    final = steps[-1]
     assert final.returncode == 0, final.stderr[-3000:]
     return outcomes, final, store(workdir)
 

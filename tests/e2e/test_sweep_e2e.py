@@ -8,10 +8,6 @@ what another test reads, whatever the order they run in."""
 
 import copy
 import csv
-import hashlib
-import shutil
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -19,7 +15,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from helpers import of_kind, run_cli, tag
+from background import Job, harness
+from helpers import fingerprint, of_kind, relocate, run_cli, tag
 
 pytestmark = pytest.mark.e2e
 
@@ -29,43 +26,14 @@ GRID = sorted(SETTINGS["sweep"]["grid"]["train.learning_rate"])
 NAME = SETTINGS["name"]
 
 
-def fingerprint(folder: Path) -> str:
-    """Every file's path, size and content under `folder` (the sweep's record: a few hundred MB of checkpoints)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def relocate(source: Path, target: Path) -> None:
-    """Copy the sweep folder `source` to `target` and rewrite the absolute paths the stores hold.
-
-    MLflow keeps each run's artifact URI (file:///<source>/mlruns/artifacts/...) and the sweep records its Optuna
-    storage URL: left as they are, a CLI pointed at the copy would log artifacts into `source`. Afterwards no
-    file of the copy may mention `source`, so nothing run on the copy can reach back into it."""
-    shutil.copytree(source, target)
-    old, new = str(source.resolve()), str(target.resolve())
-    for path in [p for p in target.rglob("*") if p.is_file()]:
-        if path.read_bytes()[:16] == b"SQLite format 3\0":
-            with closing(sqlite3.connect(path)) as db:
-                for (table,) in db.execute("select name from sqlite_master where type = 'table'").fetchall():
-                    for column in [row[1] for row in db.execute(f'pragma table_info("{table}")')]:
-                        db.execute(f"""update "{table}" set "{column}" = replace("{column}", ?, ?)
-                                       where typeof("{column}") = 'text' and instr("{column}", ?) > 0""", (old, new, old))
-                db.commit()
-                db.execute("vacuum")  # drop the old strings from free pages too
-        elif old.encode() in path.read_bytes():
-            path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
-    left = [str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and old.encode() in p.read_bytes()]
-    assert not left, f"the copy still points into the original sweep folder: {left}"
+BACKGROUND_JOBS = [Job("pristine_sweep", lambda workdir: [harness("sweep", str(CONFIG))], readers=("sweep_once",))]
 
 
 @pytest.fixture(scope="module")
-def sweep_once(tmp_path_factory):
-    """The sweep, run once in a folder that tests only ever copy; with its output and its fingerprint."""
-    workdir = tmp_path_factory.mktemp("pristine_sweep")
-    done = run_cli(["sweep", str(CONFIG)], cwd=workdir)
+def sweep_once(background):
+    """The sweep, run once (in the background, tests/background.py) in a folder that tests only ever copy; with
+    its output and its fingerprint."""
+    workdir, (done,) = background.result("pristine_sweep")
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done, fingerprint(workdir)
 
