@@ -55,7 +55,7 @@ def scheduler_names() -> tuple[str, ...]:
 
     Importing `transformers.trainer_utils` costs seconds (it loads torch), and every module that imports this one
     would pay it (default sections are validated at import), so unless it is loaded already the enum is read from
-    the installed transformers' source; tests/test_config_bad_input.py checks the two agree."""
+    the installed transformers' source; tests/unit/test_config_bad_input.py checks the two agree."""
     if "transformers.trainer_utils" not in sys.modules:
         spec = importlib.util.find_spec("transformers")
         source = Path(spec.origin).with_name("trainer_utils.py") if spec and spec.origin else None

@@ -163,7 +163,7 @@ class PackedClassCollator:
     packs them (`pack`, rows of at most `capacity` tokens; an example longer than that gets a row of its
     own) into `input_ids`, `position_ids`, `labels` and `token_classes`, with no `attention_mask`, so that
     transformers builds the block-causal mask from the restarting positions. The loss and the format and
-    content losses are then those of the padded batch, over the same tokens (tests/test_fast_training.py).
+    content losses are then those of the padded batch, over the same tokens (tests/unit/test_fast_training.py).
     """
 
     def __init__(self, pad_token_id: int, capacity: int):

@@ -116,7 +116,7 @@ def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> lis
     Lexical on *words* only: rouge-score's tokenizer lowercases and drops every non-alphanumeric character, so
     list markers, quotes, brackets and braces vanish before matching. ROUGE-L therefore does NOT see format:
     prose against its own list rendering scores 1.0, against its JSON rendering above 0.9 (only the key
-    `procedure` is added; tests/test_metrics.py pins both). It measures content overlap; the format measure is
+    `procedure` is added; tests/unit/test_metrics.py pins both). It measures content overlap; the format measure is
     `format_adherence` (harness.evaluation: the share of responses that parse in the expected format).
     """
     _check_pairs(predictions, references)
