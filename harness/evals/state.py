@@ -69,7 +69,8 @@ class PlannedGeneration:
     suffix: str
     identity: dict
     config_hash: str
-    stored: object | None
+    run_id: str | None
+    """The FINISHED generation run of this identity: found in the store, or recorded by this invocation."""
     evaluations: list[PlannedEvaluation] = field(default_factory=list)
 
     @property
@@ -134,8 +135,9 @@ class StateEvaluator:
                                 "prompts_sha256": prompts_sha256(prompts), "decoding": decoding.model_dump(mode="json"),
                                 "repeat": repeat, "seed_eval": seed}
                     digest = config_hash(identity)
+                    found = stored.get((Kind.GENERATION, digest))
                     generation = PlannedGeneration(benchmark, prompts, decoding_index, decoding, repeat, seed, suffix,
-                                                   identity, digest, stored.get((Kind.GENERATION, digest)))
+                                                   identity, digest, found.info.run_id if found is not None else None)
                     for scoring in benchmark.scorings(self.setup, score_formats):
                         eval_hash = config_hash({"generation": digest, **scoring.identity})
                         generation.evaluations.append(
@@ -148,7 +150,7 @@ class StateEvaluator:
                          open_model: ModelOpener) -> dict[str, list[str]]:
         """Generate every record that a missing evaluation needs and the store lacks: one `generate` call per
         (decoding, repeat) over all benchmarks' prompts, so batches stay full. Returns hash → responses."""
-        needed = [generation for generation in plan if generation.missing and generation.stored is None]
+        needed = [generation for generation in plan if generation.missing and generation.run_id is None]
         if not needed:
             return {}
         responses: dict[str, list[str]] = {}
@@ -186,13 +188,13 @@ class StateEvaluator:
                               config=config, config_hash=generation.config_hash) as run:
             run.log_table({"prompt": generation.prompts, "response": responses}, GENERATIONS_FILE)
             run.log_metrics({"n_prompts": len(responses)})
-            generation.stored = run.run_id
+            generation.run_id = run.run_id
         self.counts["generations_new"] += 1
         self.counts["prompts_generated"] += len(responses)
 
     def stored_responses(self, generation: PlannedGeneration) -> list[str]:
         """The responses of a FINISHED generation record, read back from its artifact."""
-        run_id = generation.stored if isinstance(generation.stored, str) else generation.stored.info.run_id
+        run_id = generation.run_id
         with tempfile.TemporaryDirectory() as folder:
             try:
                 path = self.tracker.client.download_artifacts(run_id, GENERATIONS_FILE, folder)
@@ -211,8 +213,7 @@ class StateEvaluator:
     def record_evaluation(self, parent_id: str, unit: dict, tags: dict, generation: PlannedGeneration,
                           planned: PlannedEvaluation, responses: list[str]) -> dict[str, float]:
         benchmark, scoring = generation.benchmark, planned.scoring
-        run_id = generation.stored if isinstance(generation.stored, str) else generation.stored.info.run_id
-        eval_tags = {**self.generation_tags(tags, generation), Tag.GENERATION_RUN: run_id,
+        eval_tags = {**self.generation_tags(tags, generation), Tag.GENERATION_RUN: generation.run_id,
                      Tag.GENERATION_HASH: generation.config_hash, **scoring.tags}
         config = {**unit, "benchmark": benchmark.name, **benchmark.selection(self.setup),
                   "decoding": generation.decoding.model_dump(mode="json"), "repeat": generation.repeat,
