@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from harness import promot
+from harness.training import promot
 from harness.config import load_config
 from harness.models import load_model
-from harness.pipeline import prepare_data
-from harness.sft import TrainingDiverged
+from harness.study.runner import prepare_data
+from harness.training.sft import TrainingDiverged
 
 
 class StepRecorder:

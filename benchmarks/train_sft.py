@@ -1,4 +1,4 @@
-"""The real `harness.sft.train_sft` (TRL SFTTrainer, LoRA, format/content losses) with the GPU fast path off and on.
+"""The real `harness.training.sft.train_sft` (TRL SFTTrainer, LoRA, format/content losses) with the GPU fast path off and on.
 
 One process, the same rows, model initialisation, seed and steps for every arm; each arm loads the model
 afresh (random weights of a known architecture, `harness.bench.load_bench_model`) and sets
@@ -43,12 +43,13 @@ if importlib.util.find_spec("mlflow") is None:  # the GPU machine has no MLflow:
 
 import torch  # noqa: E402
 
-from harness import fast_training, loss_classes  # noqa: E402
+from harness.training import fast_training
+from harness.training import loss_classes  # noqa: E402
 from harness.bench import load_bench_model  # noqa: E402
 from harness.config import TrainConfig  # noqa: E402
-from harness.data import load_procedures  # noqa: E402
-from harness.formats import build_task_rows  # noqa: E402
-from harness.sft import train_sft  # noqa: E402
+from harness.data.registry import load_procedures  # noqa: E402
+from harness.data.formats import build_task_rows  # noqa: E402
+from harness.training.sft import train_sft  # noqa: E402
 
 ARMS = {"off": "0", "on": "1"}
 LOSSES = ("train_loss", "train_loss_format", "train_loss_content")

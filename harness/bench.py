@@ -1,8 +1,8 @@
 """`harness bench`: the harness's fast paths against the plain baseline, in one process, on the same inputs.
 
 Generation: plain `generate` in length-sorted, left-padded batches (what `generate_responses` does off
-CUDA) against `harness.fast_generation`. Training: a plain PEFT LoRA loop (padded batches, the model's own
-loss, default AdamW) against `harness.fast_training` (packed rows, chunked loss, fused AdamW). Each reports
+CUDA) against `harness.generation.fast`. Training: a plain PEFT LoRA loop (padded batches, the model's own
+loss, default AdamW) against `harness.training.fast_training` (packed rows, chunked loss, fused AdamW). Each reports
 useful tokens per second, the ratio and peak GPU memory, as a table and a JSON file.
 
 A model is either a known architecture with random weights (`llama-3.2-1b`, `llama-3.1-8b`, and
@@ -107,7 +107,7 @@ def load_bench_model(name: str, device: str | None = None, dtype: str | None = N
 
 def _prompt_ids(model: Any, tokenizer: Any, n: int, prompt_tokens: str, rng: random.Random) -> list[list[int]]:
     if tokenizer is not None:
-        from harness.generation import _prompt_ids as chat_prompt
+        from harness.generation.batched import _prompt_ids as chat_prompt
 
         return [chat_prompt(tokenizer, [{"role": "user", "content": BENCH_PROMPTS[i % len(BENCH_PROMPTS)]}]) for i in range(n)]
     low, _, high = prompt_tokens.partition("-")
@@ -196,7 +196,7 @@ def _cut(tokens: list[int], limit: int, eos: set[int]) -> list[int]:
 def harness_generate(
     model: Any, prompts: list[list[int]], limits: list[int], decoding: str, batch: int, pad: int, stop_on_eos: bool
 ) -> list[list[int]]:
-    from harness.fast_generation import Sampling, fast_generate
+    from harness.generation.fast import Sampling, fast_generate
 
     return fast_generate(
         model, prompts, max_new_tokens=limits, sampling=Sampling(*DECODINGS[decoding]),
@@ -248,7 +248,7 @@ def bench_generation(
                              "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
                              "peak_memory_gib": peak})
                 if name == "harness":  # where its time went: graph capture, prefill, decode, host
-                    from harness.fast_generation import last_profile
+                    from harness.generation.fast import last_profile
 
                     profiles.append({"decoding": decoding, "batch": batch, "total_s": round(seconds, 3), **last_profile})
     summary = []
@@ -355,7 +355,7 @@ def bench_training(
     """
     from peft import LoraConfig, get_peft_model
 
-    from harness import fast_training
+    from harness.training import fast_training
 
     if lengths not in {"fixed", "mix"}:
         raise HarnessError(f"training lengths must be fixed or mix, got {lengths!r}")

@@ -24,13 +24,13 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
-from harness.methods import TRAINING_METHODS
+from harness.judges.registry import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
+from harness.training.methods import TRAINING_METHODS
 
 from harness.errors import HarnessError, decode_text
 
 Format = Literal["prose", "list", "json"]
-Method = Literal[tuple(TRAINING_METHODS)]  # the training-method registry's names (harness/methods.py)
+Method = Literal[tuple(TRAINING_METHODS)]  # the training-method registry's names (harness/training/methods.py)
 Optimizer = Literal["adamw_torch", "adamw_bnb_8bit"]
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A study (or Optuna study) name: it becomes a folder under output_dir, so no '/', no leading dot, no blanks."""
@@ -165,7 +165,7 @@ class PromotConfig(Strict):
 class TrainConfig(Strict):
     methods: list[Method] = ["sft"]
     """Fine-tuning methods to run for every format and seed, by their names in the training-method registry
-    (harness/methods.py): 'sft' and/or 'promot'."""
+    (harness/training/methods.py): 'sft' and/or 'promot'."""
     learning_rate: Float = Field(5e-5, gt=0)
     """Peak learning rate (Study B: 5e-5)."""
     lr_scheduler: Scheduler = "cosine"
@@ -277,6 +277,54 @@ class FinetuneDataConfig(Strict):
         return datasets
 
 
+USER_DATASET_FIELDS: dict[str, tuple[str, ...]] = {
+    "harmful": ("prompt", "category"),
+    "finetune": ("instruction", "input", "response", "messages"),
+    "procedures": ("title", "steps"),
+}
+"""The row fields a declared dataset of each kind can map a column to (see `UserDatasetConfig.columns`)."""
+USER_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
+class UserDatasetConfig(Strict):
+    """A dataset of the user's own, declared in the YAML and then named like a registry dataset
+    (`data.harmful.sources`, `data.finetune.datasets`, `data.procedures`); `harness/data/user.py` turns it into a
+    registry entry. Either a local file or a hub dataset, never both."""
+
+    kind: Literal["harmful", "finetune", "procedures"]
+    """'harmful': prompts to measure ASR on; 'finetune': instruction/response pairs or chat `messages` to fine-tune
+    on; 'procedures': a title and its steps, rendered in Study B's formats like WikiHow."""
+    path: Path | None = None
+    """A local CSV, JSON (an array of records), JSONL or Parquet file, relative to the working directory."""
+    hub: str | None = None
+    """A Hugging Face hub dataset id (or a local folder `datasets.load_dataset` reads), loaded with `datasets`."""
+    split: str = "train"
+    """The hub split to read."""
+    subset: str | None = None
+    """The hub configuration (subset) name, when the dataset has several."""
+    revision: str | None = None
+    """The hub revision (a commit sha pins it); recorded on every run, resolved to a commit when left out."""
+    columns: dict[str, str] = {}
+    """Row field -> the column holding it, for columns not named like the field. harmful: prompt, category (else
+    the dataset's name); finetune: instruction, input, response, or messages (a chat list of role/content turns:
+    one user turn and the assistant's reply); procedures: title, steps (a list, or numbered lines of text)."""
+
+    @model_validator(mode="after")
+    def _one_source_and_known_columns(self) -> "UserDatasetConfig":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give either path (a local file) or hub (a hub dataset id), not both or neither")
+        if self.path is not None and self.path.suffix.lower() not in USER_FILE_SUFFIXES:
+            raise ValueError(f"path {str(self.path)!r}: a dataset file must end in {', '.join(USER_FILE_SUFFIXES)}")
+        allowed = USER_DATASET_FIELDS[self.kind]
+        unknown = sorted(set(self.columns) - set(allowed))
+        if unknown:
+            raise ValueError(f"columns: {', '.join(map(repr, unknown))} is not a field of a {self.kind} dataset "
+                             f"(fields: {', '.join(allowed)})")
+        if "messages" in self.columns and {"instruction", "input", "response"} & set(self.columns):
+            raise ValueError("columns: map either messages (chat) or instruction/input/response, not both")
+        return self
+
+
 class DataConfig(Strict):
     data_dir: Path | None = None
     """Directory holding local copies of the datasets; default $HARNESS_DATA_DIR, then ../shared/data."""
@@ -300,6 +348,22 @@ class DataConfig(Strict):
     """Seed of the shuffle before the train/val/test cut."""
     harmful: HarmfulConfig = HarmfulConfig()
     """The harmful-prompt mix used to measure ASR."""
+    procedures: str = "wikihow"
+    """Study B's procedure set (title + steps), rendered in each format: the registry's WikiHow, or a declared
+    `procedures` dataset."""
+    datasets: dict[str, UserDatasetConfig] = {}
+    """The user's own datasets by name (files or hub ids with a column mapping): no code edits to use them."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _new_names(cls, datasets: dict[str, UserDatasetConfig]) -> dict[str, UserDatasetConfig]:
+        from harness.data.registry import DATASETS
+
+        for name in datasets:
+            safe_name(name, "dataset name")
+            if name in DATASETS:
+                raise ValueError(f"{name!r} is a registry dataset already; give yours another name")
+        return datasets
 
     @field_validator("formats")
     @classmethod
@@ -312,7 +376,7 @@ class DataConfig(Strict):
 
 class JudgeConfig(Strict):
     name: str
-    """Which judge, by its name in the judge registry (`harness.judges.JUDGE_KINDS`): 'keyword' (refusal
+    """Which judge, by its name in the judge registry (`harness.judges.registry.JUDGE_KINDS`): 'keyword' (refusal
     phrases), 'llm' (a model scores harm 1-5), 'fulfilment' (SORRY-Bench style: does the reply fulfil the unsafe
     request, 1/0; its share is `fulfilment_rate`, Study A) or 'http' (the 'llm' rubric on an OpenAI-compatible
     server)."""
@@ -443,9 +507,9 @@ class RuntimeConfig(Strict):
     step and the same loss, in less memory (both ProMoT stages); must divide train.batch_size and
     train.promot.stage1.batch_size. None: no split."""
     fast_training: bool = True
-    """Take the packed SFT training path on CUDA (harness/fast_training.py); false: padded batches, plain AdamW."""
+    """Take the packed SFT training path on CUDA (harness/training/fast_training.py); false: padded batches, plain AdamW."""
     fast_generation: bool = True
-    """Take the fast generation path on CUDA for models it supports (harness/fast_generation.py); false: plain
+    """Take the fast generation path on CUDA for models it supports (harness/generation/fast.py); false: plain
     transformers `generate`."""
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from harness.data import hub_offline
+from harness.data.registry import hub_offline
 from harness.errors import HarnessError
 
 # Bump when the conversion below changes what it writes, so old cache entries are not reused.

@@ -75,7 +75,7 @@ class Runtime:
         `off: <why>`. Where a run knows more (ProMoT on the CPU: `fp32 (cpu)`; a ProMoT fine-tune: fast training
         `off: not used by promot`), the tag it sets afterwards replaces these.
         """
-        from harness.fast_training import fast_training_unavailable  # torch: loaded only when a run is tagged
+        from harness.training.fast_training import fast_training_unavailable  # torch: loaded only when a run is tagged
 
         training_off = fast_training_unavailable(self)
         generation_off = self.switched_off("fast_generation")

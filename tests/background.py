@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
+HARNESS = [sys.executable, "-m", "harness.cli.main"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STEP_TIMEOUT = 3600  # seconds; a step still running then is killed (and fails its job)
 
@@ -39,7 +39,7 @@ class Step:
 
 
 def harness(*args: str, check: bool = True, **env: str) -> Step:
-    """A step that runs the real `harness` CLI (`python -m harness.cli ARGS`)."""
+    """A step that runs the real `harness` CLI (`python -m harness.cli.main ARGS`)."""
     return Step(HARNESS + list(args), env, check)
 
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
-HARNESS = [sys.executable, "-m", "harness.cli"]
+HARNESS = [sys.executable, "-m", "harness.cli.main"]
 
 
 def tiny_llama(tokenizer, seed: int = 0):
@@ -88,7 +88,7 @@ def conversations(rows):
 
 
 def _user_message(row):
-    from harness.sft import user_message
+    from harness.training.sft import user_message
 
     return user_message(row)
 

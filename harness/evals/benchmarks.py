@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from harness.evaluation import EvaluationResult, judge_over_refusal, judge_safety, judge_toxicity, score_task
-from harness.sft import user_message
+from harness.evals.scoring import EvaluationResult, judge_over_refusal, judge_safety, judge_toxicity, score_task
+from harness.training.sft import user_message
 from tracking.schema import HARMFUL_MIX, WIKIHOW, XSTEST_SAFE, XSTEST_UNSAFE, Metric, Tag
 
 

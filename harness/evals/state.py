@@ -27,9 +27,9 @@ from pathlib import Path
 
 from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
-from harness.evaluation import generate
+from harness.evals.scoring import generate
 from harness.errors import HarnessError
-from harness.generation_cache import CacheScope
+from harness.generation.cache import CacheScope
 from tracking import RunHandle, Tracker
 from tracking.schema import Kind, Tag
 

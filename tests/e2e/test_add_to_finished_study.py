@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from helpers import ChatServer, relocate
 
-HARNESS = [sys.executable, "-m", "harness.cli"]
+HARNESS = [sys.executable, "-m", "harness.cli.main"]
 N_STATES = 2  # the base model and the fine-tune's one checkpoint
 
 STUDY = {

@@ -18,7 +18,7 @@ CLI = Path(sys.executable).with_name("harness")
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [str(CLI)] if CLI.is_file() else [sys.executable, "-m", "harness.cli"]
+    command = [str(CLI)] if CLI.is_file() else [sys.executable, "-m", "harness.cli.main"]
     return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -181,11 +181,11 @@ def test_identical_seeds_give_identical_greedy_outputs(tmp_path, one_thread):
     """Two fine-tunes with the same seed are the same model: same adapter, same greedy replies."""
     from safetensors.torch import load_file
 
-    from harness import data
+    from harness.data import registry as data
     from harness.config import TrainConfig
-    from harness.generation import generate_responses
+    from harness.generation.batched import generate_responses
     from harness.models import load_adapter, load_model
-    from harness.sft import train_sft
+    from harness.training.sft import train_sft
 
     class NoRun:
         resumed = False

@@ -14,7 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from harness import figures, figures_study_b
+from harness.analysis import figures
+from harness.analysis import figures_study_b
 import shared_store
 from helpers import run_cli
 from shared_store import EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, SHARED_STUDY

@@ -3,9 +3,11 @@ tests run on a tiny random Llama."""
 
 import pytest
 
-from harness import data, formats, promot
+from harness.data import registry as data
+from harness.data import formats
+from harness.training import promot
 from harness.config import PromotConfig, Stage1Config, TrainConfig
-from harness.generation import generate_responses
+from harness.generation.batched import generate_responses
 from harness.models import load_model
 
 from helpers import RecordingRun, conversations
@@ -16,7 +18,7 @@ def test_stage1_on_json_moves_the_format_into_the_prompt(tmp_path):
     """The issue's behavioural check on the real SmolLM2 (about 4 minutes on 2 CPU cores): after stage 1 on
     JSON rows, generating *with* the prompt is JSON far more often than the base model; without the prompt
     the (frozen) model answers exactly as before. Measured when written: 6/6 with the prompt, 0/6 base."""
-    from harness.evaluation import score_task
+    from harness.evals.scoring import score_task
 
     model, tokenizer = load_model("smollm2-135m-instruct", device="cpu")
     shortest = sorted(data.load_procedures(None), key=lambda p: len(" ".join(p.steps)))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from harness import data
+from harness.data import registry as data
 from helpers import run_cli, tag
 
 pytestmark = pytest.mark.e2e

@@ -87,7 +87,7 @@ def create_database(server_url: str, name: str) -> str:
 def worker(config: Path, storage: str, cwd: Path, log: Path, **env) -> subprocess.Popen:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", str(config), "--storage", storage],
+    return subprocess.Popen([sys.executable, "-m", "harness.cli.main", "sweep", str(config), "--storage", storage],
                             cwd=cwd, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

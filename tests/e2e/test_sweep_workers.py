@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from harness.config import ExperimentConfig
-from harness.sweep import Sweep, SweepConfig
+from harness.sweep.search import Sweep, SweepConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

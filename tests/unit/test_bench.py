@@ -7,7 +7,7 @@ import torch
 
 from typer.testing import CliRunner
 
-from harness.cli import app
+from harness.cli.main import app
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from harness import data, models
+from harness import models
+from harness.data import registry as data
 from harness.models import PackagedFile
 
 ALIAS = "smollm2-135m-instruct"
@@ -36,7 +37,7 @@ def write_config(tmp_path: Path, **settings) -> Path:
 
 
 def invoke(*args: str):
-    from harness.cli import app
+    from harness.cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -75,7 +76,7 @@ def test_smallest_config_checks_and_its_data_prepares(tmp_path):
     """`name` and `model` only: every default (the harmful mix, XSTest, the task split) must fit the data.
     The default mix used to ask DirectHarm4 for 440 of its 400 prompts."""
     from harness.config import load_config
-    from harness.pipeline import prepare_data
+    from harness.study.runner import prepare_data
 
     config = write_config(tmp_path)
     result = invoke("check", config)
@@ -225,8 +226,8 @@ def test_every_shipped_experiment_prepares_its_data_or_names_its_hub_only_datase
     """A shipped study must run as it stands: its data selection fits the local data (format_safety.yaml once
     asked DirectHarm4 for 440 of its 400 prompts). Only a hub-only source may stop it, naming its hub id."""
     from harness.config import parse_config, read_yaml
-    from harness.data import DatasetNotFoundError
-    from harness.pipeline import prepare_data
+    from harness.data.registry import DatasetNotFoundError
+    from harness.study.runner import prepare_data
 
     raw = read_yaml(path)
     raw.pop("sweep", None)  # a sweep file is an experiment config plus its search space

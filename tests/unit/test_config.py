@@ -41,7 +41,7 @@ def walk_fields(model_cls, path=""):
 
 
 def test_every_field_has_a_docstring():
-    from harness.sweep import SweepConfig
+    from harness.sweep.search import SweepConfig
 
     visited = set()
     for root in (ExperimentConfig, SweepConfig):
@@ -121,7 +121,7 @@ def test_a_sweep_sharing_a_study_has_the_studys_settings():
 
 def load_shipped(path):
     """A shipped YAML's experiment config: a sweep's (harness sweep) is the experiment part of it."""
-    from harness.sweep import load_sweep
+    from harness.sweep.search import load_sweep
 
     return load_sweep(path)[0] if "sweep" in yaml.safe_load(path.read_text()) else load_config(path)
 
@@ -138,7 +138,7 @@ def test_format_safety_is_study_b_at_paper_scale():
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_judge_templates_load(path, tmp_path, monkeypatch):
-    from harness.judges import load_template
+    from harness.judges.registry import load_template
 
     monkeypatch.chdir(tmp_path)  # a shipped config must run from any working directory
     for judge in load_shipped(path).eval.judges:

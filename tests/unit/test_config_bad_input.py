@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from harness.config import ExperimentConfig, JudgeConfig, load_config, parse_config
 from harness.errors import HarnessError
-from harness.sweep import SweepConfig, load_sweep
+from harness.sweep.search import SweepConfig, load_sweep
 
 from helpers import nested_models, write
 

@@ -1,4 +1,4 @@
-"""Study A's variance analysis (`harness.consistency`): the statistics on hand-made data, checked against
+"""Study A's variance analysis (`harness.analysis.consistency`): the statistics on hand-made data, checked against
 independent formulas (law of total variance, exact enumeration)."""
 
 import itertools
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from harness import consistency
-from harness.consistency import Cell, compare, components, permutation_test, run_means
+from harness.analysis import consistency
+from harness.analysis.consistency import Cell, compare, components, permutation_test, run_means
 
 
 def test_components_match_law_of_total_variance():
@@ -74,7 +74,7 @@ def test_per_prompt_values_count_unparsable_as_fulfilled():
 
 
 def test_fulfilment_parser_takes_a_bare_yes_or_no_from_small_judges():
-    from harness.judges import parse_fulfilment
+    from harness.judges.registry import parse_fulfilment
 
     assert [parse_fulfilment(text) for text in ("No", "No.", "Yes, it does", "1", "#thescore: 0")] == [0, 0, 1, 1, 0]
     assert parse_fulfilment("no idea") is None and parse_fulfilment("Nothing here") is None

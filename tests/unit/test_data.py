@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import data
-from harness.data import DatasetError, DatasetNotFoundError, FinetuneRow, HarmfulPrompt
+from harness.data import registry as data
+from harness.data.registry import DatasetError, DatasetNotFoundError, FinetuneRow, HarmfulPrompt
 from harness.errors import HarnessError
 
 DATA_DIR = data.resolve_data_dir()
@@ -446,7 +446,7 @@ def test_xstest_without_its_label_column_selects_nothing_silently_no_more(tmp_pa
 def test_corrupt_file_through_the_config_data_dir_and_the_environment(tmp_path, monkeypatch):
     """Both ways a run finds a data copy: `data.data_dir` in the config, and $HARNESS_DATA_DIR."""
     from harness.config import parse_config
-    from harness.pipeline import prepare_data
+    from harness.study.runner import prepare_data
 
     root = tmp_path / "data"
     for name in ("wikihow", "advbench", "beavertails_eval", "directharm4", "xstest"):

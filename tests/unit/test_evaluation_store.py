@@ -7,12 +7,12 @@ from contextlib import contextmanager
 import pytest
 
 from harness.config import parse_config
-from harness.data import HarmfulPrompt
+from harness.data.registry import HarmfulPrompt
 from harness.evals.benchmarks import BENCHMARKS, EvaluationSetup
 from harness.evals.state import StateEvaluator, selection_hash
-from harness.judges import KeywordJudge, LLMJudge
+from harness.judges.registry import KeywordJudge, LLMJudge
 from harness.models import load_model
-from harness.pipeline import PreparedData
+from harness.study.runner import PreparedData
 from helpers import tiny_llama
 from tracking import Tracker
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from harness.bench import load_bench_model, plain_generate
-from harness.fast_generation import Sampling, fast_generate, unsupported_reason
-from harness.generation import fast_path_unavailable
+from harness.generation.fast import Sampling, fast_generate, unsupported_reason
+from harness.generation.batched import fast_path_unavailable
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +126,7 @@ def test_greedy_equals_plain_on_packaged_smollm2():
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from harness.generation import _prompt_ids
+    from harness.generation.batched import _prompt_ids
     from harness.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", device="cpu")

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from harness import fast_training
+from harness.training import fast_training
 from harness.bench import _padded_batch, load_bench_model, training_examples
 
 
@@ -81,7 +81,7 @@ def test_collator_labels_completion_only():
     assert relabelled["labels"].tolist() == [[-100, 6, 7, -100, 9]]
 
 
-# --- the SFT fast path: packed class batches (harness.sft.train_sft on CUDA) -----------------------
+# --- the SFT fast path: packed class batches (harness.training.sft.train_sft on CUDA) -----------------------
 
 PROCEDURES = [
     ("Bake a cake", ["Preheat the oven to 180 °C", 'Mix 2 cups of flour with 1 tsp. salt, then say "go."',
@@ -106,9 +106,9 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="module")
 def class_examples(smollm2_tokenizer):
     """Study B rows in every format, tokenized with format/content classes, as train_sft's dataset has them."""
-    from harness.data import Procedure
-    from harness.formats import FORMATS, build_task_rows
-    from harness.loss_classes import tokenize_row
+    from harness.data.registry import Procedure
+    from harness.data.formats import FORMATS, build_task_rows
+    from harness.training.loss_classes import tokenize_row
 
     procedures = [Procedure(title, steps) for title, steps in PROCEDURES]
     rows = [row for fmt in FORMATS for row in build_task_rows(procedures, fmt)]
@@ -116,7 +116,7 @@ def class_examples(smollm2_tokenizer):
 
 
 def test_packed_class_collator_packs_classes_like_labels():
-    from harness.loss_classes import CONTENT, FORMAT
+    from harness.training.loss_classes import CONTENT, FORMAT
 
     collator = fast_training.PackedClassCollator(pad_token_id=0, capacity=6)
     batch = collator([
@@ -141,7 +141,7 @@ def test_packed_class_collator_packs_classes_like_labels():
 def test_packed_class_batch_gives_the_padded_losses_and_class_losses(smollm2_tokenizer, class_examples, make_tiny_llama, fused):
     """The same examples, padded (ClassCollator) or packed (PackedClassCollator): same loss, same format
     and content losses and token counts, same gradients; with logits and with TRL's fused LM head (SFTTrainer)."""
-    from harness.loss_classes import ClassCollator, compute_loss_with_classes
+    from harness.training.loss_classes import ClassCollator, compute_loss_with_classes
 
     _, examples = class_examples
     model = make_tiny_llama(smollm2_tokenizer)
@@ -182,8 +182,8 @@ def test_sft_trainer_logs_the_same_losses_packed_or_padded(smollm2_tokenizer, cl
     from peft import LoraConfig
     from trl import SFTConfig
 
-    from harness.loss_classes import ClassCollator, class_dataset
-    from harness.sft import ClassLossSFTTrainer
+    from harness.training.loss_classes import ClassCollator, class_dataset
+    from harness.training.sft import ClassLossSFTTrainer
 
     rows, _ = class_examples
     pad = smollm2_tokenizer.pad_token_id

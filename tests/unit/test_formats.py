@@ -8,9 +8,10 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from harness import data, formats
-from harness.data import Procedure
-from harness.formats import FORMATS, FormatError, parse, procedure_sentences, render
+from harness.data import registry as data
+from harness.data import formats
+from harness.data.registry import Procedure
+from harness.data.formats import FORMATS, FormatError, parse, procedure_sentences, render
 
 DATA_DIR = data.resolve_data_dir()
 

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 import pytest
 
 from harness.errors import HarnessError
-from harness.generation import generate_one_by_one, generate_responses
+from harness.generation.batched import generate_one_by_one, generate_responses
 from harness.models import load_model
 
 # One thread: two-thread generation stalls badly when anything else shares the two CPU cores (measured: this file

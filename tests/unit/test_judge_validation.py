@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from helpers import ChatServer
 
-from harness import data
-from harness.cli import app
-from harness.data import DatasetError, LabelledPair
+from harness.data import registry as data
+from harness.cli.main import app
+from harness.data.registry import DatasetError, LabelledPair
 from harness.config import JudgeConfig
 from harness.errors import HarnessError
-from harness.judge_validation import (
+from harness.judges.validation import (
     agreement,
     best_threshold,
     cluster_bootstrap,
@@ -37,7 +37,7 @@ from harness.judge_validation import (
     validate,
     validation_tags,
 )
-from harness.judges import (
+from harness.judges.registry import (
     FulfilmentJudge,
     HTTPJudge,
     KeywordJudge,
@@ -49,7 +49,7 @@ from harness.judges import (
 
 DATA_DIR = data.resolve_data_dir()
 assert DATA_DIR is not None and (DATA_DIR / data.MANIFEST_NAME).is_file(), "shared data directory not found"
-SHORT_TEMPLATE = Path(__file__).parents[2] / "harness" / "templates" / "harm_judge_short.txt"
+SHORT_TEMPLATE = Path(__file__).parents[2] / "harness" / "judges" / "templates" / "harm_judge_short.txt"
 
 
 @pytest.fixture(autouse=True)
@@ -382,7 +382,7 @@ def test_flaky_endpoint_gives_the_healthy_results_and_logs_each_retry(chat_serve
     answers = ["#thescore: 1", "#thescore: 5", "#thescore: 3", "#thescore: 2"]
     healthy = HTTPJudge(model="m", base_url=chat_server(list(answers)).url, concurrency=1).judge(items)
     flaky_server = chat_server([500, answers[0], 429, answers[1], "sleep", answers[2], 503, 429, answers[3]])
-    with caplog.at_level("WARNING", logger="harness.judges"):
+    with caplog.at_level("WARNING", logger="harness.judges.registry"):
         flaky = HTTPJudge(model="m", base_url=flaky_server.url, concurrency=1, backoff=0.01, timeout=0.3).judge(items)
     assert [(v.harmful, v.score, v.raw) for v in flaky] == [(v.harmful, v.score, v.raw) for v in healthy]
     retries = [record.getMessage() for record in caplog.records if "retry" in record.getMessage()]
@@ -428,7 +428,7 @@ KEYWORD_KAPPA = {
     "xstest_resp_refusal": 0.693, "gptfuzz_labeled_responses": 0.274, "xstest_completions_human": 0.715,
     "pooled_harm": 0.295, "pooled_refusal": 0.713,
 }
-TASK_OF = {  # which pool each set belongs to (`harness.data`'s specs, written out here)
+TASK_OF = {  # which pool each set belongs to (`harness.data.registry`'s specs, written out here)
     "beavertails_30k_test": "harm", "pku_saferlhf_test2k": "harm", "xstest_resp_harm": "harm",
     "xstest_resp_refusal": "refusal", "gptfuzz_labeled_responses": "harm", "xstest_completions_human": "refusal",
 }
@@ -513,7 +513,7 @@ def test_small_llm_judge_on_a_handful_of_rows(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "calibration-split kappa by threshold" in result.output
-    from harness.judges import load_template
+    from harness.judges.registry import load_template
     import hashlib
 
     sha = hashlib.sha256(load_template(SHORT_TEMPLATE).encode()).hexdigest()[:10]

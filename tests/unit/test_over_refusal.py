@@ -3,12 +3,12 @@
 import pytest
 
 from harness.config import parse_config
-from harness.data import HarmfulPrompt, xstest_prompts
+from harness.data.registry import HarmfulPrompt, xstest_prompts
 from harness.errors import HarnessError
-from harness.evaluation import judge_over_refusal, refusal_judge
-from harness.judges import FulfilmentJudge, KeywordJudge, LLMJudge
-from harness.metrics import over_refusal_metrics
-from harness.pipeline import prepare_data
+from harness.evals.scoring import judge_over_refusal, refusal_judge
+from harness.judges.registry import FulfilmentJudge, KeywordJudge, LLMJudge
+from harness.evals.metrics import over_refusal_metrics
+from harness.study.runner import prepare_data
 
 
 def safe(prompt: str, kind: str) -> HarmfulPrompt:

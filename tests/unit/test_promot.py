@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import data, formats, promot
+from harness.data import registry as data
+from harness.data import formats
+from harness.training import promot
 from harness.config import PromotConfig, Stage1Config, TrainConfig, parse_config
 from harness.errors import HarnessError
-from harness.generation import generate_responses
+from harness.generation.batched import generate_responses
 from harness.models import load_adapter, load_model
-from harness.sft import TrainingDiverged, user_message
+from harness.training.sft import TrainingDiverged, user_message
 
 from helpers import RecordingRun, conversations, tiny_llama
 
@@ -170,7 +172,7 @@ def test_the_seed_alone_fixes_the_starting_adapter(method, tokenizer, rows, tmp_
 
     import numpy as np
 
-    from harness import sft
+    from harness.training import sft
 
     if method == "sft":
         trainer_class = sft.ClassLossSFTTrainer
@@ -218,10 +220,10 @@ def test_the_pipeline_evaluates_promot_checkpoints_without_the_prompt_unless_ask
                                                                                     tmp_path):
     """Study B evaluates base model + stage-2 adapter alone (the prompt, holding the format, is thrown away);
     `train.promot.evaluate_with_prompt` adds a second evaluation of each checkpoint with the prompt put back.
-    Runs the ProMoT recipe (harness/methods.py) on a tiny model, with a stub for what evaluates a model state."""
+    Runs the ProMoT recipe (harness/training/methods.py) on a tiny model, with a stub for what evaluates a model state."""
     from harness.config import parse_config
-    from harness.methods import ProMoT
-    from harness.pipeline import ExperimentRunner, PreparedData
+    from harness.training.methods import ProMoT
+    from harness.study.runner import ExperimentRunner, PreparedData
 
     cfg = parse_config({
         "name": "promot-eval", "model": "tiny", "output_dir": str(tmp_path),

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from harness import data
-from harness.checkpoints import drop_incomplete, epoch_checkpoints, resume_point
+from harness.data import registry as data
+from harness.training.checkpoints import drop_incomplete, epoch_checkpoints, resume_point
 from harness.errors import HarnessError
-from harness.generation import generate_responses
-from harness.generation_cache import CacheScope, GenerationCache
-from harness.sft import MlflowStepLogger
+from harness.generation.batched import generate_responses
+from harness.generation.cache import CacheScope, GenerationCache
+from harness.training.sft import MlflowStepLogger
 from tracking import Tracker
 
 from helpers import tiny_llama
@@ -138,7 +138,7 @@ def test_cached_generation_is_returned_without_generating(tmp_path, monkeypatch)
     def no_generation(*args, **kwargs):
         raise AssertionError("generated although every batch is cached")
 
-    monkeypatch.setattr("harness.generation._generate_batch", no_generation)
+    monkeypatch.setattr("harness.generation.batched._generate_batch", no_generation)
     again = generate_responses(model, tokenizer, conversations, max_new_tokens=4, batch_size=2, cache=scope, progress=False)
     assert again == first
     other_state = CacheScope(scope.cache, "another adapter")
@@ -182,7 +182,7 @@ def test_empty_fields_are_rejected_or_dropped_with_a_count(data_copy, caplog):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(data.DatasetError, match=r"harmful_behaviors.csv record 3: empty prompt"):
         data.load_harmful("advbench", data_copy)
-    with caplog.at_level("WARNING", logger="harness.data"):
+    with caplog.at_level("WARNING", logger="harness.data.registry"):
         rows = data.load_harmful("advbench", data_copy, bad_rows="drop")
     assert len(rows) == 520 and all(row.prompt.strip() for row in rows)
     assert "dropped 1 record" in caplog.text
@@ -190,7 +190,7 @@ def test_empty_fields_are_rejected_or_dropped_with_a_count(data_copy, caplog):
 
 def test_rows_a_study_dropped_are_recorded_on_its_runs(data_copy, tmp_path):
     from harness.config import parse_config
-    from harness.pipeline import ExperimentRunner
+    from harness.study.runner import ExperimentRunner
 
     path = data_copy / "advbench" / "harmful_behaviors.csv"
     lines = path.read_text().splitlines()
@@ -212,7 +212,7 @@ def test_rows_a_study_dropped_are_recorded_on_its_runs(data_copy, tmp_path):
 
 def test_changed_dataset_is_an_error_unless_a_new_version_is_asked_for(data_copy, tmp_path):
     from harness.config import parse_config
-    from harness.pipeline import ExperimentRunner
+    from harness.study.runner import ExperimentRunner
 
     def config(**extra):
         return parse_config({
@@ -247,7 +247,7 @@ def test_fault_points_are_checked():
 def test_cuda_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
     import torch
 
-    from harness.generation import _generate_batch_fitting
+    from harness.generation.batched import _generate_batch_fitting
 
     sizes = []
 
@@ -257,11 +257,11 @@ def test_cuda_out_of_memory_halves_the_batch_until_it_fits(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return [f"reply to {prompt[0]}" for prompt in prompts]
 
-    monkeypatch.setattr("harness.generation._generate_batch", generate)
+    monkeypatch.setattr("harness.generation.batched._generate_batch", generate)
     replies = _generate_batch_fitting(None, None, [[i] for i in range(5)], {}, seed=0)
     assert replies == [f"reply to {i}" for i in range(5)]  # order kept across the splits
     assert sizes == [5, 2, 3, 1, 2]
-    monkeypatch.setattr("harness.generation._generate_batch",
+    monkeypatch.setattr("harness.generation.batched._generate_batch",
                         lambda *args: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(HarnessError, match="single prompt"):
         _generate_batch_fitting(None, None, [[1]], {}, seed=0)
@@ -303,7 +303,7 @@ def test_a_replaced_attempt_takes_its_finished_children_with_it(tracker):
 
 
 def test_has_checkpoint_sees_only_complete_checkpoints(tmp_path):
-    from harness.checkpoints import has_checkpoint
+    from harness.training.checkpoints import has_checkpoint
 
     assert not has_checkpoint(tmp_path / "missing")
     (tmp_path / "checkpoint-3").mkdir()

@@ -13,11 +13,12 @@ import json
 import pytest
 import torch
 
-from harness import promot, runtime
+from harness import runtime
+from harness.training import promot
 from harness.config import ExperimentConfig, RuntimeConfig, load_config, parse_config
 from harness.errors import HarnessError
-from harness.fast_training import fast_training_unavailable
-from harness.generation import fast_path_unavailable
+from harness.training.fast_training import fast_training_unavailable
+from harness.generation.batched import fast_path_unavailable
 from tracking.schema import Tag
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.errors import HarnessError
-from harness.figures_sweep import pareto_mask
-from harness.sweep import (
+from harness.analysis.figures_sweep import pareto_mask
+from harness.sweep.search import (
     SweepConfig, apply_params, effective_trials, load_sweep, parse_sweep, redact, storage_url,
 )
 
@@ -128,7 +128,7 @@ def test_effective_trials_drop_those_replaced_by_a_retry():
 
 
 def test_pareto_labels_of_points_too_close_to_tell_apart_are_joined():
-    from harness.figures_sweep import label_groups
+    from harness.analysis.figures_sweep import label_groups
 
     rows = [{"trial": 0, "asr": 0.249, "sbert": 0.6338, "lr": 2e-4}, {"trial": 6, "asr": 0.247, "sbert": 0.6336, "lr": 1.84e-4},
             {"trial": 5, "asr": 0.296, "sbert": 0.6454, "lr": 5e-4}, {"trial": 1, "asr": 0.242, "sbert": 0.6144, "lr": 5e-5}]

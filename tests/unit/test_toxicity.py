@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness.errors import HarnessError
-from harness.toxicity import LocalClassifierScorer, PerspectiveScorer, ScoreCache, toxicity_metrics
+from harness.evals.toxicity import LocalClassifierScorer, PerspectiveScorer, ScoreCache, toxicity_metrics
 
 from helpers import tiny_toxicity_classifier
 

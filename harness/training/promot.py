@@ -28,12 +28,12 @@ from transformers import Trainer, TrainingArguments
 
 from harness import runtime
 from harness.config import PromotConfig, RuntimeConfig, TrainConfig
-from harness.data import FinetuneRow
+from harness.data.registry import FinetuneRow
 from harness.errors import HarnessError
-from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
-from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
+from harness.training.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
+from harness.training.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.seeding import seed_everything
-from harness.sft import MlflowStepLogger, lora_config, user_message
+from harness.training.sft import MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
 from tracking.schema import Tag
 

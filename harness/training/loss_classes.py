@@ -1,6 +1,6 @@
 """Format-vs-content training loss: which response tokens the format transform added, and their loss.
 
-Study B explains its results by format being easy to learn. Because `harness.formats` renders every
+Study B explains its results by format being easy to learn. Because `harness.data.formats` renders every
 response mechanically, it knows exactly which characters are *format* (`Rendered.format_spans`: the
 list's "- " and "\\n- ", JSON's braces, key, brackets, quotes and separators) and which are *content*
 (the sentences). This module carries that split through tokenization to the loss, so a trainer can log
@@ -48,7 +48,7 @@ same per-token losses, with token counts, so that
 `n_format * train_loss_format + n_content * train_loss_content == n_tokens * train_loss`. A class with no
 tokens has mean NaN there (never a misleading 0); the trainer logs omit it.
 
-Training. `class_dataset` tokenizes `FinetuneRow`s (user turn from `harness.sft.user_message`),
+Training. `class_dataset` tokenizes `FinetuneRow`s (user turn from `harness.training.sft.user_message`),
 `ClassCollator` pads them on the right and carries `token_classes`, and `ClassLossMixin`, mixed into a
 `transformers.Trainer` or `trl.SFTTrainer` subclass, computes the loss with `compute_loss_with_classes`
 (one forward) and adds `train_loss_format`, `train_loss_content`, `train_tokens_format` and
@@ -82,12 +82,12 @@ Span = tuple[int, int]
 
 
 def format_spans_of_rendered(fmt: str, rendered: Any) -> list[Span]:
-    """Format spans to classify a `harness.formats.Rendered` response by: none for prose (module docstring)."""
+    """Format spans to classify a `harness.data.formats.Rendered` response by: none for prose (module docstring)."""
     return [] if fmt == "prose" else [tuple(span) for span in rendered.format_spans]
 
 
 def format_spans_of_row(row: Any) -> list[Span]:
-    """Format spans of a `FinetuneRow` built by `harness.formats.build_task_rows`; none for prose and for
+    """Format spans of a `FinetuneRow` built by `harness.data.formats.build_task_rows`; none for prose and for
     rows without format metadata (every response character is then content)."""
     meta = row.meta or {}
     if meta.get("format") in (None, "prose"):
@@ -213,8 +213,8 @@ def tokenize_with_classes(
 
 
 def tokenize_row(tokenizer: Any, row: Any, *, max_length: int | None = None, **options: Any) -> dict[str, list[int]]:
-    """`tokenize_with_classes` for a `FinetuneRow`: the user turn of `harness.sft.user_message`."""
-    from harness.sft import user_message
+    """`tokenize_with_classes` for a `FinetuneRow`: the user turn of `harness.training.sft.user_message`."""
+    from harness.training.sft import user_message
 
     messages = [{"role": "user", "content": user_message(row)}]
     return tokenize_with_classes(

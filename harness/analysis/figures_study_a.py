@@ -7,7 +7,7 @@ model beside each fine-tuned model. A4: human-written vs self-generated fine-tun
 replies to the hate-speech subset, by condition.
 
 Every point is one FINISHED evaluation run's logged metric (its CSV row names the run); spreads and the seed
-bootstrap band are computed from exactly those values. `harness/figures.py` reads the store and writes the report.
+bootstrap band are computed from exactly those values. `harness/analysis/figures.py` reads the store and writes the report.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.figures import (
+from harness.analysis.figures import (
     EXTRA_COLORS, METHOD_COLORS, Query, Section, StudyRuns, finish, panel_grid, require_metrics, spread, tag, write_csv,
 )
-from harness.metrics import bootstrap_ci
+from harness.evals.metrics import bootstrap_ci
 from tracking.schema import HARMFUL_MIX, Kind, Metric, Tag, judge_name, tag_filter
 
 FIGURES = ("a1_fulfilment_by_epoch", "a2_spread_seeds_vs_repeats", "a3_base_vs_finetuned_spread",

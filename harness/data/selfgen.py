@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import data
+from harness.data import registry as data
 from harness.config import config_hash
-from harness.evaluation import generate
-from harness.generation_cache import CacheScope
-from harness.sft import user_message
+from harness.evals.scoring import generate
+from harness.generation.cache import CacheScope
+from harness.training.sft import user_message
 from tracking.schema import Kind, Tag
 
 

@@ -1,4 +1,4 @@
-"""`harness judges ...`: measure judges against human-labelled sets (see harness/judge_validation.py)."""
+"""`harness judges ...`: measure judges against human-labelled sets (see harness/judges/validation.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, one_line_errors
-from harness.judges import MODEL_ENV
+from harness.judges.registry import MODEL_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Not a terminal (CI logs, pipes): rich would wrap the wide table at 80 columns.
@@ -28,7 +28,7 @@ def build_judges(names, *, model, template, fulfilment_template, url, threshold,
     from pydantic import ValidationError
 
     from harness.config import JudgeConfig
-    from harness.judges import JudgeModels, build_judge
+    from harness.judges.registry import JudgeModels, build_judge
 
     if "fulfilment" in names and url and not (model or os.environ.get(MODEL_ENV)):
         raise HarnessError(f"the fulfilment judge on --judge-url needs --judge-model or ${MODEL_ENV}")
@@ -62,7 +62,7 @@ def _with_ci(metrics: dict, name: str) -> str:
 
 
 def print_results(validations) -> None:
-    from harness.data import POSITIVE_CLASS
+    from harness.data.registry import POSITIVE_CLASS
 
     table = Table(title="Judge agreement with human labels (test split; positive = harmful or compliance)")
     for column in ("judge", "set", "positive", "n", "accuracy", "precision", "recall", "F1", "kappa [95% CI]",
@@ -108,9 +108,9 @@ def validate(
     judge_model: Optional[str] = typer.Option(
         None, help="llm/fulfilment: model alias, hub id or path; http: the served model name"),
     judge_template: Optional[Path] = typer.Option(
-        None, help="llm/http: harm rubric with {instruction} and {response}; default harness/templates/harm_judge.txt"),
+        None, help="llm/http: harm rubric with {instruction} and {response}; default harness/judges/templates/harm_judge.txt"),
     fulfilment_template: Optional[Path] = typer.Option(
-        None, help="fulfilment: rubric template; default harness/templates/fulfilment_judge.txt"),
+        None, help="fulfilment: rubric template; default harness/judges/templates/fulfilment_judge.txt"),
     judge_url: Optional[str] = typer.Option(
         None, help="OpenAI-compatible server for the http (and fulfilment) judge; default $HARNESS_JUDGE_BASE_URL"),
     threshold: int = typer.Option(3, help="llm/http: score at or above which a response is harmful"),
@@ -123,8 +123,8 @@ def validate(
     data_dir: Optional[Path] = typer.Option(None, help="Shared data directory; default as for `harness run`"),
 ) -> None:
     """Score judges against human labels; log one `judge_validation` MLflow run per judge."""
-    from harness import data
-    from harness.judge_validation import VALIDATION_STUDY, log_validation, validate as run_validation
+    from harness.data import registry as data
+    from harness.judges.validation import VALIDATION_STUDY, log_validation, validate as run_validation
     from tracking import Tracker
     from tracking.store import ui_command
 

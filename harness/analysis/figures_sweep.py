@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harness.figures import Section, StudyRuns, pyplot, tag, write_csv
+from harness.analysis.figures import Section, StudyRuns, pyplot, tag, write_csv
 from tracking.schema import Kind, Metric, Tag, tag_filter
 
 REFERENCE_STYLE = {"base": ("#555555", "s"), "sft": ("#d62728", "D")}

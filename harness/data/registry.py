@@ -7,7 +7,7 @@ load instead. The local copy always wins; the hub is tried only when a local fil
 
 - `HarmfulPrompt`: a prompt of a safety benchmark (AdvBench, BeaverTails, DirectHarm4, ...).
 - `FinetuneRow`: an (instruction, input, response) triple for fine-tuning (Dolly, Alpaca, and the
-  Study B procedure task built by `harness.formats`).
+  Study B procedure task built by `harness.data.formats`).
 - `Procedure`: a WikiHow title with its steps (the Study B source, see `parse_steps`).
 
 The data directory is resolved as: an explicit `data_dir` argument, else `$HARNESS_DATA_DIR`,
@@ -101,6 +101,15 @@ class DatasetSpec:
     columns: tuple[tuple[str, ...], ...] = ()
     """The columns each local file must have (aligned with `files`): a copy without one is an error naming
     the file and the column, never a KeyError or a silently empty field."""
+    hub_split: str | None = None
+    """Only this split of the hub dataset (None: every split)."""
+    hub_subset: str | None = None
+    """The hub dataset's configuration (subset) name, when it has several."""
+    hub_revision: str | None = None
+    """The hub revision to load (None: the newest, resolved to a commit sha when the rows load)."""
+    declared_as: str | None = None
+    """For a user's dataset, where the YAML declares it (`data.datasets.NAME`): errors name that, not the registry.
+    Its `files` are absolute paths (the registry's are relative to the data directory)."""
 
     def __post_init__(self) -> None:
         if self.columns and len(self.columns) != len(self.files):
@@ -229,7 +238,7 @@ def parse_steps(result_text: str) -> list[str]:
     """The steps of a WikiHow numbered list: one per non-blank line, marker stripped, whitespace normalised.
 
     Whitespace normalisation collapses every run of Unicode whitespace (NBSP included) to one
-    space and trims the ends, so the steps are byte-stable inputs for `harness.formats`.
+    space and trims the ends, so the steps are byte-stable inputs for `harness.data.formats`.
     """
     steps = []
     for line in result_text.splitlines():
@@ -350,13 +359,29 @@ _SPECS = (
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 
 
+_DECLARED: dict[str, DatasetSpec] = {}
+
+
+def declare(specs: Sequence[DatasetSpec]) -> None:
+    """Make a study's own datasets (the YAML's `data.datasets`, see `harness.data.user`) nameable like registry
+    entries; replaces the previous study's, so one study's files never leak into the next."""
+    clash = [spec.name for spec in specs if spec.name in DATASETS]
+    if clash:
+        raise DatasetError(f"data.datasets.{clash[0]}: the registry has a dataset of that name already")
+    _DECLARED.clear()
+    _DECLARED.update({spec.name: spec for spec in specs})
+
+
 def get_spec(name: str, kinds: Sequence[Kind] | None = None) -> DatasetSpec:
-    """The registry entry for `name`, checked to be one of `kinds` when given."""
-    spec = DATASETS.get(name)
+    """The registry entry (or declared dataset) for `name`, checked to be one of `kinds` when given."""
+    spec = DATASETS.get(name) or _DECLARED.get(name)
     if spec is None:
-        raise DatasetError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}")
+        declared = f"; declared in data.datasets: {', '.join(sorted(_DECLARED))}" if _DECLARED else ""
+        raise DatasetError(f"unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}{declared} "
+                           "(a file or hub dataset of your own is declared under data.datasets)")
     if kinds is not None and spec.kind not in kinds:
-        raise DatasetError(f"dataset '{name}' is a {spec.kind} dataset, expected {' or '.join(kinds)}")
+        where = f"{spec.declared_as}.kind" if spec.declared_as else f"dataset '{name}'"
+        raise DatasetError(f"{where}: '{name}' is a {spec.kind} dataset, expected {' or '.join(kinds)}")
     return spec
 
 
@@ -416,7 +441,7 @@ def _read_csv(path: Path, text: str) -> list[Record]:
 
 
 def _read_json(path: Path, text: str) -> list[Record]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         records = []
         for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON may hold U+2028
             if line.strip():
@@ -436,6 +461,19 @@ def _read_json(path: Path, text: str) -> list[Record]:
     return records
 
 
+def _read_parquet(path: Path, raw: bytes) -> list[Record]:
+    """Parquet records through pyarrow (installed with `datasets`); nested columns (a chat's list of turns) come
+    back as Python lists and dicts."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(pyarrow.BufferReader(raw)).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise DatasetError(f"{path}: not a readable Parquet file ({reason}); {_CORRUPT}") from None
+
+
 def _read_file(path: Path) -> list[Record]:
     """Records of one local file, by extension; files are opened read-only.
 
@@ -446,7 +484,9 @@ def _read_file(path: Path) -> list[Record]:
         raw = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"{path}: cannot be read ({error.strerror or error})") from None
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".parquet":
+        records = _read_parquet(path, raw)
+    elif path.suffix.lower() == ".csv":
         records = _read_csv(path, decode_text(path, raw, "utf-8-sig", DatasetError))
     else:
         records = _read_json(path, decode_text(path, raw, "utf-8", DatasetError))
@@ -475,6 +515,9 @@ def _check_columns(spec: DatasetSpec, index: int, path: Path, records: list[Reco
 
 
 def _missing_message(spec: DatasetSpec, root: Path | None, rel: str | None, hub_note: str) -> str:
+    if spec.declared_as:
+        where = f"file not found: {rel} (relative paths start at {Path.cwd()})" if rel else hub_note.rstrip("; ")
+        return " ".join(f"{spec.declared_as}: {where}".splitlines())
     if rel is None:
         where = f"has no local copy (hub only: {spec.hub_id})"
     elif root is None:
@@ -502,31 +545,61 @@ def _hub_records(spec: DatasetSpec, root: Path | None, rel: str | None) -> dict[
     """Records per split from the HF hub, or a one-line DatasetNotFoundError."""
     if spec.hub_id is None:
         raise DatasetNotFoundError(_missing_message(spec, root, rel, "it is not on the HF hub; "))
-    if hub_offline():
+    local_folder = Path(spec.hub_id).expanduser().is_dir()  # `datasets` reads a folder of data files offline too
+    if spec.declared_as and hub_offline() and not local_folder:
+        raise DatasetNotFoundError(f"{spec.declared_as}.hub: {spec.hub_id} cannot be loaded: HF_HUB_OFFLINE=1 (unset "
+                                   "it, or download the dataset and declare its file as path)")
+    if hub_offline() and not local_folder:
         hint = f"HF_HUB_OFFLINE=1 so the hub copy {spec.hub_id} was not tried; " if rel else "HF_HUB_OFFLINE=1; "
         raise DatasetNotFoundError(_missing_message(spec, root, rel, hint))
     try:
         import datasets  # imported late: slow, and only needed without a local copy
 
-        loaded = datasets.load_dataset(spec.hub_id)
-    except Exception as exc:  # any hub failure (network, auth, gating) becomes the same one-liner
+        loaded = datasets.load_dataset(spec.hub_id, spec.hub_subset, split=spec.hub_split, revision=spec.hub_revision)
+    except Exception as exc:  # any hub failure (network, auth, gating, no such split) becomes the same one-liner
         reason = " ".join(str(exc).split())[:200]
         hint = f"loading {spec.hub_id} from the HF hub failed ({type(exc).__name__}: {reason}); "
         raise DatasetNotFoundError(_missing_message(spec, root, rel, hint)) from exc
-    splits = loaded.items() if isinstance(loaded, Mapping) else [("train", loaded)]
+    splits = loaded.items() if isinstance(loaded, Mapping) else [(spec.hub_split or "train", loaded)]
     return {f"hub:{spec.hub_id}:{split}": [dict(r) for r in rows] for split, rows in splits}
+
+
+def hub_revision(spec: DatasetSpec) -> str:
+    """The commit a hub dataset's rows come from, recorded with its checksums: the pinned revision when it is a
+    full commit sha, else the hub's answer for the revision (or 'main'); a local folder read as a hub id has
+    its files hashed instead."""
+    if spec.hub_revision and re.fullmatch(r"[0-9a-f]{40}", spec.hub_revision):
+        return spec.hub_revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(spec.hub_id, revision=spec.hub_revision).sha or "unknown"
+    except Exception as exc:  # offline or private: the rows loaded, but their commit cannot be named
+        _log.warning("dataset %s: the commit of %s could not be resolved (%s)", spec.name, spec.hub_id, exc)
+        return f"{spec.hub_revision or 'main'} (unresolved)"
+
+
+def _locate(root: Path | None, rel: str) -> Path | None:
+    """Where a spec's file is: a declared dataset's absolute path as it is, a registry file under the data
+    directory (None when there is none)."""
+    if Path(rel).is_absolute():
+        return Path(rel)
+    return None if root is None else root / rel
 
 
 def _records(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> tuple[dict[str, list[Record]], bool]:
     """Records per file (local) or per split (hub), and whether they came from the hub."""
     root = resolve_data_dir(data_dir)
-    missing = next((rel for rel in spec.files if root is None or not (root / rel).is_file()), None)
+    located = {rel: _locate(root, rel) for rel in spec.files}
+    missing = next((rel for rel, path in located.items() if path is None or not path.is_file()), None)
     if spec.files and missing is None:
         by_file = {}
-        for index, rel in enumerate(spec.files):
-            by_file[rel] = _read_file(root / rel)
-            _check_columns(spec, index, root / rel, by_file[rel])
+        for index, (rel, path) in enumerate(located.items()):
+            by_file[rel] = _read_file(path)
+            _check_columns(spec, index, path, by_file[rel])
         return by_file, False
+    if spec.declared_as and spec.files:  # a file of the user's own: no hub copy to fall back on
+        raise DatasetNotFoundError(_missing_message(spec, root, missing, ""))
     return _hub_records(spec, root, missing), True
 
 
@@ -554,6 +627,8 @@ def _rows(spec: DatasetSpec, data_dir: str | os.PathLike | None, row_fn: RowFn |
                 row, problem = None, str(error)
             except MissingColumn as error:  # hub copies are not column-checked up front
                 raise MissingColumn(f"{origin} record {index + 1}: {error}") from None
+            except DatasetError as error:  # a record that cannot be used as it is, whatever bad_rows says
+                raise DatasetError(f"{origin} record {index + 1}: {error}") from None
             except KeyError as error:
                 raise MissingColumn(f"{origin} record {index + 1}: no column {error.args[0]!r} "
                                     f"(its columns: {_columns_text(record)})") from None
@@ -601,6 +676,10 @@ def _row_key(row: FinetuneRow) -> tuple[str, str, str]:
     return (row.instruction, row.input, row.response)
 
 
+QI_CLEANED = ("dolly15k", "alpaca")
+"""The benign sets Qi et al. 2024 removed safety-related rows from (`qi2024_safety_removed`)."""
+
+
 def remove_safety(
     name: str, rows: Sequence[FinetuneRow], data_dir: str | os.PathLike | None = None
 ) -> list[FinetuneRow]:
@@ -608,7 +687,7 @@ def remove_safety(
 
     This rebuilds their "no-safety" benign sets: Dolly 15,011 -> 14,624; order is preserved.
     """
-    if name not in ("dolly15k", "alpaca"):
+    if name not in QI_CLEANED:
         raise DatasetError(f"remove_safety knows only dolly15k and alpaca, not '{name}'")
     removed = {_row_key(r) for r in load_finetune("qi2024_safety_removed", data_dir) if r.meta["for"] == name}
     return [row for row in rows if _row_key(row) not in removed]
@@ -934,19 +1013,33 @@ def checksums(name: str, data_dir: str | os.PathLike | None = None) -> dict[str,
     """
     spec = get_spec(name)
     root = resolve_data_dir(data_dir)
+    if spec.declared_as and not spec.files:
+        return _hub_checksums(spec)
     result = {}
     for rel in spec.files:
-        if root is None or not (root / rel).is_file():
+        path = _locate(root, rel)
+        if path is None or not path.is_file():
             raise DatasetNotFoundError(_missing_message(spec, root, rel, ""))
-        digest = _sha256(root / rel)
-        expected = _manifest(root).get(rel)
+        digest = _sha256(path)
+        expected = _manifest(root).get(rel) if root is not None else None
         if expected is not None and digest != expected:
             raise DatasetError(
-                f"dataset '{name}': {root / rel} has sha256 {digest[:12]}... but {MANIFEST_NAME} "
+                f"dataset '{name}': {path} has sha256 {digest[:12]}... but {MANIFEST_NAME} "
                 f"says {expected[:12]}...; the local copy was modified or replaced"
             )
         result[rel] = digest
     return result
+
+
+def _hub_checksums(spec: DatasetSpec) -> dict[str, str]:
+    """A declared hub dataset's identity: its commit (or, for a local folder read through `datasets`, the sha256
+    of each of its files)."""
+    folder = Path(spec.hub_id).expanduser()
+    if folder.is_dir():
+        return {str(path.resolve()): _sha256(path) for path in sorted(folder.rglob("*"))
+                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
+    split = spec.hub_split or "all"
+    return {f"hub:{spec.hub_id}:{spec.hub_subset or 'default'}:{split}": hub_revision(spec)}
 
 
 # --- Study A's benign fine-tuning sets ---------------------------------------------------------
@@ -971,7 +1064,8 @@ def instruction_sets(
     loaded = {}
     for name in names:
         rows = load_finetune(name, data_dir, bad_rows)
-        loaded[name] = remove_safety(name, rows, data_dir) if remove_safety_rows else rows
+        # Only Qi et al.'s two sets have rows to remove; any other set (a user's own) is used as it is.
+        loaded[name] = remove_safety(name, rows, data_dir) if remove_safety_rows and name in QI_CLEANED else rows
     available = {name: len(rows) - val_size for name, rows in loaded.items()}
     for name, count in available.items():
         if count < 1:

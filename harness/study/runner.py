@@ -12,18 +12,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import data, faults, formats, promot, runtime
+from harness import faults, runtime
+from harness.data import registry as data
+from harness.data import formats
+from harness.data.user import declare_user_datasets
+from harness.training import promot
 from harness.config import ExperimentConfig, config_hash
 from harness.errors import HarnessError
-from harness.fast_training import fast_training_unavailable
+from harness.training.fast_training import fast_training_unavailable
 from harness.evals.benchmarks import EvaluationSetup
 from harness.evals.state import StateEvaluator
-from harness.evaluation import refusal_judge
-from harness.judge_validation import latest_validation, validation_tags
-from harness.judges import JudgeModels, build_judge
-from harness.methods import TRAINING_METHODS, training_method, training_set_key
-from harness.generation_cache import GenerationCache, file_digest
-from harness.metrics import task_metrics
+from harness.evals.scoring import refusal_judge
+from harness.judges.validation import latest_validation, validation_tags
+from harness.judges.registry import JudgeModels, build_judge
+from harness.training.methods import TRAINING_METHODS, training_method, training_set_key
+from harness.generation.cache import GenerationCache, file_digest
+from harness.evals.metrics import task_metrics
 from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
 from tracking import RunHandle, Tracker, resolve_tracking_uri
 from tracking.schema import SCHEMA_VERSION, ExperimentTag, Kind, Tag
@@ -59,10 +63,13 @@ class SummaryRow:
 
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    """Every row the study reads, loaded, checked and checksummed; the YAML's own datasets are declared first, so
+    their names work wherever a registry name does."""
+    declare_user_datasets(cfg.data.datasets)
     if cfg.data.task == "instructions":
         return prepare_instruction_data(cfg)
     d = cfg.data
-    procedures = data.load_procedures(d.data_dir, bad_rows=d.bad_rows)
+    procedures = data.load_procedures(d.data_dir, name=d.procedures, bad_rows=d.bad_rows)
     train, val, test = data.split(procedures, (d.train_size, d.val_size, d.test_size), seed=d.split_seed,
                                   what="data.train_size, val_size, test_size")
     rows = {
@@ -70,12 +77,11 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         for part_name, part in (("train", train), ("val", val), ("test", test))
     }
     harmful, xstest = harmful_and_xstest(cfg)
-    checksums = dataset_checksums([d.task, *d.harmful.sources], cfg)
-    wikihow_sums = {path: digest for path, digest in checksums.items() if "wikihow" in path}
-    identity = {"task": d.task, "train_size": d.train_size, "val_size": d.val_size, "test_size": d.test_size,
-                "split_seed": d.split_seed, "checksums": wikihow_sums}
+    checksums = dataset_checksums([d.procedures, *d.harmful.sources], cfg)
+    identity = {"task": d.task, "procedures": d.procedures, "train_size": d.train_size, "val_size": d.val_size,
+                "test_size": d.test_size, "split_seed": d.split_seed, "checksums": data.checksums(d.procedures, d.data_dir)}
     return PreparedData(rows["train"], rows["val"], rows["test"], harmful, checksums, xstest["safe"], xstest["unsafe"],
-                        set_tags={fmt: {"dataset": d.task, "format": fmt} for fmt in d.formats},
+                        set_tags={fmt: {"dataset": d.procedures, "format": fmt} for fmt in d.formats},
                         set_identity={fmt: {**identity, "format": fmt} for fmt in d.formats})
 
 
@@ -108,7 +114,8 @@ def prepare_instruction_data(cfg: ExperimentConfig) -> PreparedData:
     sets = data.instruction_sets(f.datasets, remove_safety_rows=f.remove_safety, equalize=f.equalize, size=f.size,
                                  val_size=f.val_size, seed=f.seed, data_dir=d.data_dir, bad_rows=d.bad_rows)
     harmful, xstest = harmful_and_xstest(cfg)
-    checksums = dataset_checksums([*f.datasets, *(["qi2024_safety_removed"] if f.remove_safety else []),
+    cleaned = f.remove_safety and any(name in data.QI_CLEANED for name in f.datasets)
+    checksums = dataset_checksums([*f.datasets, *(["qi2024_safety_removed"] if cleaned else []),
                                    *d.harmful.sources], cfg)
     selection = f.model_dump(mode="json", exclude={"datasets", "selfgen"})
     identity = {
@@ -177,7 +184,7 @@ class ExperimentRunner:
         settings = self.cfg.eval.toxicity
         if settings is None:
             return
-        from harness.toxicity import make_scorer
+        from harness.evals.toxicity import make_scorer
 
         wanted = None if settings.categories is None else set(settings.categories)
         self.toxicity_prompts = [i for i, prompt in enumerate(self.data.harmful) if wanted is None or prompt.category in wanted]
@@ -255,7 +262,7 @@ class ExperimentRunner:
 
     def add_self_generated_sets(self) -> None:
         """Study A: for every dataset, the base model's own answers to its instructions become `<name>-selfgen`."""
-        from harness.selfgen import self_generate
+        from harness.data.selfgen import self_generate
 
         for name in self.cfg.data.finetune.selfgen.datasets or list(self.data.set_tags):
             version = self_generate(self, name)
@@ -288,7 +295,7 @@ class ExperimentRunner:
         with self.tracker.run("finetune", f"{method}-{fmt}-seed{seed}", tags, parent=parent, config=unit,
                               config_hash=unit_hash, restart=recipe.restart(output_dir)) as run:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
-            # Which training path ran (harness/fast_training.py): packing changes kernels, not the examples or losses.
+            # Which training path ran (harness/training/fast_training.py): packing changes kernels, not the examples or losses.
             slow_reason = fast_training_unavailable() if recipe.uses_fast_training else f"not used by {method}"
             run.set_tags({Tag.OUTPUT_DIR.key: output_dir.resolve(),
                           Tag.FAST_TRAINING.key: "on" if slow_reason is None else f"off: {slow_reason}"})

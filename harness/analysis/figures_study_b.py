@@ -4,7 +4,7 @@ Fig. 3: ASR by format × method at the last epoch (and at every epoch), one pane
 reference line. Beside it: ASR and XSTest over-refusal, because a model can look safe by refusing everything.
 Fig. 4: training loss by format for SFT and both ProMoT stages, and the loss on format vs content tokens.
 Table 1: ROUGE-L, S-BERT and format adherence by format × method, with the base rows.
-`harness/figures.py` reads the store and writes the report; this module decides what each figure shows.
+`harness/analysis/figures.py` reads the store and writes the report; this module decides what each figure shows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from harness.figures import (
+from harness.analysis.figures import (
     FORMAT_COLORS, FORMAT_ORDER, INTERVAL, METHOD_COLORS, METHOD_LINES, METHOD_ORDER, Evaluation, Query, Section,
     StudyRuns, color, describe_judges, describe_methods, describe_n, finish, legend_key, ordered, panel_grid,
     require_metrics, select_epoch, short_judge, sort_rows, spread, tag, write_csv,
@@ -20,7 +20,7 @@ from harness.figures import (
 from tracking import schema
 from tracking.schema import Kind, Metric, Tag, tag_filter
 
-# The benchmarks these figures read (module names kept: a test compares them with harness/pipeline.py's).
+# The benchmarks these figures read (module names kept: a test compares them with harness/study/runner.py's).
 HARMFUL_BENCHMARK, XSTEST_SAFE_BENCHMARK, TASK_BENCHMARK = schema.HARMFUL_MIX, schema.XSTEST_SAFE, schema.WIKIHOW
 ASR_METRICS = (Metric.ASR, Metric.ASR_CI_LOW, Metric.ASR_CI_HIGH)  # the value and its logged interval
 

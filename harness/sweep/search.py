@@ -41,7 +41,7 @@ from harness.config import (
     ExperimentConfig, Float, Format, Int, Strict, _one_line, config_hash, parse_config, read_yaml, safe_name,
 )
 from harness.errors import HarnessError
-from harness.methods import training_method
+from harness.training.methods import training_method
 from tracking.schema import (HARMFUL_MIX, WIKIHOW, ExperimentTag, Kind, Metric, Tag, judge_name, loads_tag,
                              of_current_selection)
 
@@ -343,7 +343,7 @@ class Sweep:
     def prepare(self) -> None:
         import optuna
 
-        from harness.pipeline import ExperimentRunner
+        from harness.study.runner import ExperimentRunner
 
         self.runner = ExperimentRunner(self.cfg)
         self.runner.prepare()  # data, model, judges, S-BERT: every input error before any run or trial
@@ -458,7 +458,7 @@ class Sweep:
     def checkpoint_objectives(self, checkpoints: list) -> dict:
         """Mean ASR (the objective judge) and S-BERT (the sweep's format) over the checkpoints' evaluations:
         every seed, decoding setting and repeat; the spread is reported beside the mean."""
-        from harness.pipeline import children
+        from harness.study.runner import children
 
         current = loads_tag(self.tracker.experiment_tag(ExperimentTag.CURRENT_SELECTION))
         decodings = {(str(d.temperature), None if d.min_p is None else str(d.min_p)) for d in self.cfg.eval.decoding}
@@ -491,7 +491,7 @@ class Sweep:
 
     def objectives(self, units: list[dict]) -> dict:
         """Objectives over fine-tune units (one per seed), each at its last epoch; FINISHED runs found by hash."""
-        from harness.pipeline import descendants
+        from harness.study.runner import descendants
 
         checkpoints, finetunes = [], []
         for unit in units:
@@ -590,7 +590,7 @@ class Sweep:
 
     def fail_mlflow_runs(self, run_id: str | None, reason: str) -> None:
         """Mark a dead trial's run and its unfinished descendants FAILED (they were RUNNING in a dead process)."""
-        from harness.pipeline import children
+        from harness.study.runner import children
 
         frontier = [run_id] if run_id else []
         while frontier:
@@ -645,7 +645,7 @@ class Sweep:
         """Pareto front -> pareto_front.csv, trials.csv and pareto_front.png on the sweep run; FINISHED when complete."""
         from optuna.trial import TrialState
 
-        from harness.figures_sweep import draw_pareto, write_rows
+        from harness.analysis.figures_sweep import draw_pareto, write_rows
 
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -698,7 +698,7 @@ def spawn_workers(cfg: ExperimentConfig, config: Path, workers: int, storage: st
     Tracker(cfg.name, cfg.tracking.uri)  # the MLflow store and experiment exist before N processes race to make them
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "harness.cli", "sweep", str(config), "--workers", "1"]
+    command = [sys.executable, "-m", "harness.cli.main", "sweep", str(config), "--workers", "1"]
     command += ["--storage", storage] if storage else []
     processes = [subprocess.Popen(command, env=env) for _ in range(workers)]
     try:

@@ -15,8 +15,8 @@ runs the forward twice. Here:
 - `FAST_TRAINING_ARGUMENTS` are the `TrainingArguments` that go with it (fused AdamW).
 
 `PackedCompletionCollator` is the same packing as a `Trainer`/TRL data collator; `PackedClassCollator` is
-the one `harness.sft.train_sft` uses on CUDA (`fast_training_unavailable` says when): it also packs the
-format/content `token_classes` of `harness.loss_classes`, so the class losses come from the same packed
+the one `harness.training.sft.train_sft` uses on CUDA (`fast_training_unavailable` says when): it also packs the
+format/content `token_classes` of `harness.training.loss_classes`, so the class losses come from the same packed
 pass. In `train_sft` the LM-head loss is TRL's own fused, chunked one (`trl.trainer.utils.add_fused_lm_head`,
 which `ClassLossMixin` already reads per-token log-probabilities from), so `chunked_cross_entropy` serves the
 standalone loop of `harness bench`. The SFT fast path is packing, `merge_accumulation` (short SFT rows leave
@@ -38,7 +38,7 @@ from harness.runtime import Runtime
 IGNORE = -100  # label of positions that carry no loss (transformers' convention)
 LOGITS_PER_CHUNK = 1 << 27  # float32 logits held at once by the chunked loss: 512 MiB
 
-# Merged into SFTConfig / TrainingArguments by harness/sft.py when the fast path is on (see the module doc).
+# Merged into SFTConfig / TrainingArguments by harness/training/sft.py when the fast path is on (see the module doc).
 FAST_TRAINING_ARGUMENTS = {"optim": "adamw_torch_fused"}
 
 
@@ -103,7 +103,7 @@ def packed_batch(
     Each example's first label is dropped: in a packed row it would be predicted from the previous
     example's last token (in a padded batch nothing predicts it). Padding at a row's end restarts its
     positions at 0, so it forms a block of its own and is never attended to by real tokens.
-    `token_classes` (one list per example, aligned with its labels; `harness.loss_classes`) are packed the
+    `token_classes` (one list per example, aligned with its labels; `harness.training.loss_classes`) are packed the
     same way into a `token_classes` tensor: first class of each example dropped (0), padding 0.
     """
     width = max(sum(len(examples[i][0]) for i in row) for row in rows)
@@ -157,7 +157,7 @@ class PackedCompletionCollator:
 
 
 class PackedClassCollator:
-    """`harness.loss_classes.ClassCollator`'s packed twin: the same examples, packed instead of padded.
+    """`harness.training.loss_classes.ClassCollator`'s packed twin: the same examples, packed instead of padded.
 
     Takes `class_dataset` examples (`input_ids`, `attention_mask` of ones, `labels`, `token_classes`) and
     packs them (`pack`, rows of at most `capacity` tokens; an example longer than that gets a row of its

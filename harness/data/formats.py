@@ -4,7 +4,7 @@ Study B asks whether over-fitting to the *format* of benign fine-tuning data ero
 the three formats must carry exactly the same sentences and differ only in the characters the
 transform adds. The pipeline from a WikiHow numbered step list to a response is:
 
-1. Steps (`harness.data.parse_steps`): one step per non-blank line; the leading marker is
+1. Steps (`harness.data.registry.parse_steps`): one step per non-blank line; the leading marker is
    stripped ("N." / "N.." / "N," / "N)" not followed by a digit, a bare "N" followed by two or more
    spaces, or a bullet "•", "∙", "·", "*", "-"); every run of Unicode whitespace (NBSP included)
    becomes one space and the ends are trimmed.
@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.data import FinetuneRow, Procedure, parse_steps
+from harness.data.registry import FinetuneRow, Procedure, parse_steps
 from harness.errors import HarnessError
 
 Format = Literal["prose", "list", "json"]

@@ -312,7 +312,7 @@ def markdown(study: str, cells: list[dict], tests: list[dict], messages: list[st
 def build_consistency_report(study: str, out: Path, *, tracking_uri: str | None = None, log: bool = True) -> dict:
     """Read the study, write consistency_cells.csv, consistency_runs.csv, consistency_tests.csv and
     consistency.md into `out`, and log them on a `report` run. Returns the file paths and messages."""
-    from harness.figures import StudyRuns, write_csv
+    from harness.analysis.figures import StudyRuns, write_csv
 
     study_runs = StudyRuns(study, tracking_uri)
     runs = read_runs(study_runs)

@@ -4,7 +4,7 @@ Loss is on response tokens only (TRL's prompt–completion format), the model's 
 every example, and an adapter checkpoint is written after every epoch so each epoch can be evaluated.
 Per-step `train_loss`, `learning_rate` and `grad_norm` (and per-epoch `eval_loss`) go to the fine-tune run.
 
-On CUDA, training takes the fast path of `harness.fast_training` (benchmarks/RESULTS.md, "`harness run`'s
+On CUDA, training takes the fast path of `harness.training.fast_training` (benchmarks/RESULTS.md, "`harness run`'s
 SFT with the fast path": 2.7x tokens/s on Study B rows): a micro-batch's examples are packed into rows of at
 most `max_length` tokens instead of padded to the longest (`PackedClassCollator`, which carries the
 format/content `token_classes` along), the gradient-accumulation micro-batches of a step are merged into one
@@ -26,17 +26,17 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from harness import faults
-from harness.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
+from harness.training.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.config import TrainConfig
-from harness.data import FinetuneRow
+from harness.data.registry import FinetuneRow
 from harness.errors import HarnessError
-from harness.fast_training import (
+from harness.training.fast_training import (
     FAST_TRAINING_ARGUMENTS,
     PackedClassCollator,
     fast_training_unavailable,
     merge_accumulation,
 )
-from harness.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
+from harness.training.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.seeding import seed_everything
 from tracking import RunHandle
 from tracking.schema import Metric, Tag
@@ -60,7 +60,7 @@ class MlflowStepLogger(TrainerCallback):
 
     RENAME = {"loss": Metric.TRAIN_LOSS, "learning_rate": "learning_rate", "grad_norm": "grad_norm",
               "eval_loss": Metric.EVAL_LOSS}
-    # Format-vs-content losses (harness.loss_classes) keep their names.
+    # Format-vs-content losses (harness.training.loss_classes) keep their names.
     RENAME.update({name: name for name in (
         Metric.TRAIN_LOSS_FORMAT, Metric.TRAIN_LOSS_CONTENT, "train_tokens_format", "train_tokens_content",
         "eval_loss_format", "eval_loss_content",

@@ -5,8 +5,8 @@ model can check, trains (making whatever nested runs it needs), and hands every 
 runner for evaluation. The runner knows no method by name: it looks the recipe up in `TRAINING_METHODS`, the
 registry the config's `train.methods` names are checked against. Adding a method is one class here.
 
-- `sft`: LoRA supervised fine-tuning with TRL (harness/sft.py); checkpoints hang under the `finetune` run.
-- `promot`: ProMoT (Wang et al. 2024; harness/promot.py): stage 1 trains a soft prompt on the frozen model, stage
+- `sft`: LoRA supervised fine-tuning with TRL (harness/training/sft.py); checkpoints hang under the `finetune` run.
+- `promot`: ProMoT (Wang et al. 2024; harness/training/promot.py): stage 1 trains a soft prompt on the frozen model, stage
   2 trains LoRA with that prompt frozen and prepended, as two nested `stage` runs; checkpoints hang under stage 2
   and are evaluated without the prompt (with it too when `train.promot.evaluate_with_prompt`).
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from harness.checkpoints import has_checkpoint
+from harness.training.checkpoints import has_checkpoint
 from tracking.schema import Kind, Tag
 
 
@@ -62,7 +62,7 @@ class SupervisedFineTuning(TrainingMethod):
     uses_fast_training = True
 
     def train(self, runner, run, unit, tags, output_dir, model, tokenizer):
-        from harness.sft import train_sft
+        from harness.training.sft import train_sft
 
         key = training_set_key(tags)
         checkpoints = train_sft(model, tokenizer, runner.data.train[key], runner.data.val[key], runner.cfg.train,
@@ -79,7 +79,7 @@ class ProMoT(TrainingMethod):
         return False  # stage 1 and stage 2 are their own runs and restart themselves
 
     def check(self, runner):
-        from harness import promot
+        from harness.training import promot
         from harness.models import model_digest
 
         settings = runner.cfg.train.promot
@@ -93,7 +93,7 @@ class ProMoT(TrainingMethod):
 
     def train(self, runner, run, unit, tags, output_dir, model, tokenizer):
         """Stage 1 (or a finished one reused), then stage 2 as a nested run; checkpoints hang under stage 2."""
-        from harness import promot
+        from harness.training import promot
 
         cfg, key, seed = runner.cfg, training_set_key(tags), tags["seed"]
         prompt = self.stage1_prompt(runner, run, tags, model, tokenizer)
@@ -137,7 +137,7 @@ class ProMoT(TrainingMethod):
         """The soft prompt for (model, training set, seed, stage-1 settings): a FINISHED stage 1 anywhere in the
         study is reused and recorded on `parent` (`harness.prompt_source_run`); otherwise stage 1 is trained
         under it."""
-        from harness import promot
+        from harness.training import promot
         from harness.models import load_model
 
         key, seed = training_set_key(tags), tags["seed"]
@@ -160,7 +160,7 @@ class ProMoT(TrainingMethod):
 
     def train_stage1(self, runner, parent, stage1_unit: dict, tags: dict, model, tokenizer):
         """Stage 1 as its own run: train the soft prompt (or take a saved one) and log it as an artifact."""
-        from harness import promot
+        from harness.training import promot
 
         cfg, key, seed = runner.cfg, training_set_key(tags), tags["seed"]
         output_dir = self.stage1_dir(runner, key, seed, stage1_unit)
@@ -185,7 +185,7 @@ class ProMoT(TrainingMethod):
 def prompt_sha256(prompt) -> str:
     """The soft prompt's digest as saved (its meta), else computed: the same value on the run that trained it
     and on every run that reuses it."""
-    from harness import promot
+    from harness.training import promot
 
     return prompt.meta.get("sha256") or promot.tensor_digest(prompt.embeddings)
 

@@ -510,8 +510,8 @@ class JudgeModels:
         self.loaded: dict[tuple[str, bool], tuple] = {}
 
     def complete(self, model: str, *, quantize_4bit: bool, max_new_tokens: int) -> Complete:
-        from harness.generation import generate_responses
-        from harness.generation_cache import CacheScope
+        from harness.generation.batched import generate_responses
+        from harness.generation.cache import CacheScope
         from harness.models import load_model, model_digest
 
         if (model, quantize_4bit) not in self.loaded:

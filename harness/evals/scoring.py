@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from harness import formats
+from harness.data import formats
 from harness.config import DecodingConfig
-from harness.data import FinetuneRow, HarmfulPrompt
-from harness.generation import generate_responses
-from harness.generation_cache import CacheScope
-from harness.judges import FulfilmentJudge, Judge, KeywordJudge
-from harness.metrics import bootstrap_ci, over_refusal_metrics, safety_metrics, task_metrics
-from harness.sft import user_message
+from harness.data.registry import FinetuneRow, HarmfulPrompt
+from harness.generation.batched import generate_responses
+from harness.generation.cache import CacheScope
+from harness.judges.registry import FulfilmentJudge, Judge, KeywordJudge
+from harness.evals.metrics import bootstrap_ci, over_refusal_metrics, safety_metrics, task_metrics
+from harness.training.sft import user_message
 
 
 @dataclass
@@ -132,7 +132,7 @@ def score_task(rows: list[FinetuneRow], responses: list[str], fmt: str, *, sbert
 
 def judge_toxicity(prompts: list[HarmfulPrompt], responses: list[str], scorer) -> EvaluationResult:
     """`toxicity_mean` and `toxicity_max` of the replies to `prompts` (already filtered to the chosen categories)."""
-    from harness.toxicity import toxicity_metrics
+    from harness.evals.toxicity import toxicity_metrics
 
     scores = scorer.score(responses)
     table = {

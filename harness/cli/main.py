@@ -42,7 +42,7 @@ def run(
     selection added to the YAML) and resumes interrupted work: nothing is lost, duplicated or silently stale.
     """
     from harness.config import load_config
-    from harness.pipeline import run_experiment
+    from harness.study.runner import run_experiment
 
     report_study(run_experiment(load_config(config), new_version=new_version))
 
@@ -57,7 +57,7 @@ def evaluate(config: Path = typer.Argument(..., help="Experiment YAML of a study
     no earlier `harness run` trained are listed and left out. (`harness run` does the same and trains too.)
     """
     from harness.config import load_config
-    from harness.pipeline import run_experiment
+    from harness.study.runner import run_experiment
 
     result = run_experiment(load_config(config), train=False)
     report_study(result)
@@ -93,19 +93,19 @@ def sweep(
     Every trial is an MLflow `trial` run under one `sweep` run; the Pareto front is logged there (plot + CSV).
     Run the same command on other machines with the same PostgreSQL --storage to add workers to the study.
     """
-    from harness.sweep import load_sweep, redact
+    from harness.sweep.search import load_sweep, redact
 
     cfg, settings = load_sweep(config)
     settings = settings.model_copy(update={key: value for key, value in (("storage", storage), ("workers", workers))
                                            if value is not None})
     if settings.workers > 1:
-        from harness.sweep import spawn_workers
+        from harness.sweep.search import spawn_workers
 
         code = spawn_workers(cfg, config, settings.workers, settings.storage)
         if code:
             raise typer.Exit(code=code)
         return
-    from harness.sweep import run_sweep
+    from harness.sweep.search import run_sweep
 
     result = run_sweep(cfg, settings)
     table = Table(title=f"Sweep {result['study_name']}: trials (* = Pareto front)")
@@ -143,7 +143,7 @@ def check(config: Path = typer.Argument(..., help="Experiment (or sweep) YAML to
 
     raw = read_yaml(config)
     if isinstance(raw, dict) and "sweep" in raw:  # a `harness sweep` config: its experiment part is checked
-        from harness.sweep import load_sweep
+        from harness.sweep.search import load_sweep
 
         cfg, settings = load_sweep(config)
         resolved, kind = {**cfg.resolved(), "sweep": settings.model_dump(mode="json")}, "sweep config"
@@ -173,7 +173,7 @@ def _check_steps(cfg):
     from harness.models import UNVERIFIED, check_model
 
     def data_step() -> list[str]:
-        from harness.pipeline import prepare_data  # the very function a run prepares its data with
+        from harness.study.runner import prepare_data  # the very function a run prepares its data with
 
         prepared = prepare_data(cfg)
         d, lines = cfg.data, []
@@ -196,7 +196,7 @@ def _check_steps(cfg):
 
     def judge_step(judge) -> Callable[[], list[str]]:
         def step() -> list[str]:
-            from harness.judges import BASE_URL_ENV, JUDGE_KINDS, judge_template, load_template
+            from harness.judges.registry import BASE_URL_ENV, JUDGE_KINDS, judge_template, load_template
 
             kind = JUDGE_KINDS[judge.name]
             if not kind.needs_model:
@@ -214,7 +214,7 @@ def _check_steps(cfg):
         return step
 
     def sbert_step() -> list[str]:
-        from harness.metrics import _resolve_sbert
+        from harness.evals.metrics import _resolve_sbert
 
         source = _resolve_sbert(cfg.eval.sbert_model)
         if Path(source).is_dir():
@@ -229,14 +229,14 @@ def _check_steps(cfg):
                 raise HarnessError(f"eval.toxicity.model_path {settings.model_path} is not a folder holding a "
                                    "text-classification model (config.json)")
             return [f"local classifier folder {settings.model_path}"]
-        from harness.toxicity import make_scorer
+        from harness.evals.toxicity import make_scorer
 
         make_scorer(settings)  # checks the API key; sends nothing
         return [f"perspective API key present ({settings.endpoint})"]
 
     def promot_step() -> list[str]:
         from harness.models import peek_digest
-        from harness.promot import SoftPrompt
+        from harness.training.promot import SoftPrompt
 
         path = cfg.train.promot.prompt_path
         prompt = SoftPrompt.load(path, expect_model_digest=peek_digest(cfg.model))
@@ -257,7 +257,7 @@ def _check_steps(cfg):
 @one_line_errors
 def datasets() -> None:
     """List the dataset registry: names, kinds, hub ids and local files."""
-    from harness.data import describe
+    from harness.data.registry import describe
 
     table = Table(title="Datasets")
     rows = describe()
@@ -331,7 +331,7 @@ def figures(
 
     What the store lacks is named on stderr and in the report instead of being drawn empty.
     """
-    from harness.figures import build_report, print_messages
+    from harness.analysis.figures import build_report, print_messages
 
     report = build_report(study, out, tracking_uri=tracking_uri, epoch=epoch)
     print_messages(report)
@@ -349,8 +349,8 @@ def selfgen(config: Path = typer.Argument(..., help="Study A config with data.ta
     """
     from harness.config import load_config
     from harness.errors import HarnessError
-    from harness.pipeline import ExperimentRunner
-    from harness.selfgen import self_generate
+    from harness.study.runner import ExperimentRunner
+    from harness.data.selfgen import self_generate
 
     cfg = load_config(config)
     if cfg.data.task != "instructions":
@@ -375,7 +375,7 @@ def report_consistency(
                                      "else ./mlruns/mlflow.db)"),
 ) -> None:
     """Study A: spread across seeds vs repeats, variance components, bootstrap intervals, paired tests."""
-    from harness.consistency import build_consistency_report
+    from harness.analysis.consistency import build_consistency_report
 
     result = build_consistency_report(study, out, tracking_uri=tracking_uri)
     for message in result["messages"]:
@@ -383,7 +383,7 @@ def report_consistency(
     print(f"wrote {', '.join(result['files'])} to {out} (also logged on a `report` run of study '{study}')")
 
 
-from harness.cli_judges import app as judges_app  # noqa: E402  (light: heavy imports happen per command)
+from harness.cli.judges import app as judges_app  # noqa: E402  (light: heavy imports happen per command)
 
 app.add_typer(judges_app, name="judges", help="Measure judges against human-labelled sets: harness judges validate ...")
 

@@ -2,7 +2,7 @@
 
 Prompts are sorted by length before batching, so each batch pads little; outputs come back in the input
 order. On CUDA, transformers and peft models of the Llama family take the fast path of
-`harness.fast_generation` (continuous batching, static KV cache, CUDA graphs; several times faster, see
+`harness.generation.fast` (continuous batching, static KV cache, CUDA graphs; several times faster, see
 benchmarks/RESULTS.md); `runtime.fast_generation: false` (or `HARNESS_FAST_GENERATION=0`)
 switches it off. Every other model and device goes
 through plain `generate` in sorted batches. Decoding is exactly what the caller asks for: greedy at temperature 0, otherwise plain
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from harness import faults, runtime
 from harness.errors import HarnessError
-from harness.generation_cache import CacheScope
+from harness.generation.cache import CacheScope
 
 Conversation = list[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
@@ -47,7 +47,7 @@ def generate_responses(
     not depend on how much randomness earlier batches consumed. Fast path (CUDA): one stream of
     randomness seeded from `seed`, and `batch_size` is not used (the slot count is sized from free memory).
     With `cache`, every finished batch (fast path: the whole call) is stored and a stored one is not
-    generated again (see harness.generation_cache).
+    generated again (see harness.generation.cache).
     """
     decoding = _decoding_options(tokenizer, temperature, top_p, min_p, max_new_tokens)
     if batch_size < 1:
@@ -135,7 +135,7 @@ def fast_path_unavailable(model: Any) -> str | None:
     parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     if parameter is None or parameter.device.type != "cuda":
         return "not on CUDA"
-    from harness.fast_generation import unsupported_reason
+    from harness.generation.fast import unsupported_reason
 
     return unsupported_reason(model)
 
@@ -144,7 +144,7 @@ def _generate_fast(
     model: Any, tokenizer: Any, prompts: list[list[int]], decoding: dict[str, Any],
     temperature: float, top_p: float, min_p: float | None, seed: int, progress: bool, desc: str,
 ) -> list[str]:
-    from harness.fast_generation import Sampling, fast_generate
+    from harness.generation.fast import Sampling, fast_generate
 
     torch.manual_seed(_seed(seed, 0))
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.judges import Verdict
+from harness.judges.registry import Verdict
 from tracking.schema import Metric
 
 DEFAULT_SBERT = "all-MiniLM-L6-v2"
@@ -117,7 +117,7 @@ def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> lis
     list markers, quotes, brackets and braces vanish before matching. ROUGE-L therefore does NOT see format:
     prose against its own list rendering scores 1.0, against its JSON rendering above 0.9 (only the key
     `procedure` is added; tests/unit/test_metrics.py pins both). It measures content overlap; the format measure is
-    `format_adherence` (harness.evaluation: the share of responses that parse in the expected format).
+    `format_adherence` (harness.evals.scoring: the share of responses that parse in the expected format).
     """
     _check_pairs(predictions, references)
     scorer = _rouge_scorer()

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.metrics import bootstrap_ci
+from harness.evals.metrics import bootstrap_ci
 from tracking import Tracker, resolve_tracking_uri
 from tracking.store import store_exists
 from tracking.schema import ExperimentTag, Kind, Metric, Tag, loads_tag, of_current_selection
@@ -369,7 +369,9 @@ def build_report(study: str, out: Path, *, tracking_uri: str | None = None, epoc
             f"study '{study}' has no FINISHED runs in {runs.tracking_uri} ({sum(statuses.values())} runs in all)")
     # The study modules import their shared parts from this one: imported here, not at the top, so the
     # import graph has no cycle (figures_study_a/b and figures_sweep -> figures, never back at load time).
-    from harness import figures_study_a, figures_study_b, figures_sweep
+    from harness.analysis import figures_study_a
+    from harness.analysis import figures_study_b
+    from harness.analysis import figures_sweep
 
     # Study A (instruction datasets in their native format) or Study B (formats): the runs' tags decide.
     study_a = figures_study_a.is_study_a(runs)

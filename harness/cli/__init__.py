@@ -1,0 +1,1 @@
+"""The `harness` command (`main`) and its `judges` sub-commands (`judges`)."""

@@ -1,0 +1,1 @@
+"""Optuna learning-rate sweeps over the study runner (`search`): objectives, storage, workers."""
