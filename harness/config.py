@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from harness.judges.registry import JUDGE_KINDS, SORRY_BENCH_JUDGE  # noqa: F401  (SORRY_BENCH_JUDGE: re-exported)
@@ -325,32 +325,17 @@ class UserDatasetConfig(Strict):
         return self
 
 
-class DataConfig(Strict):
+class DataCommon(Strict):
+    """What both studies' data sections have: where the files are, what to do with bad rows, the harmful prompts
+    ASR is measured on, and the user's own datasets."""
+
     data_dir: Path | None = None
     """Directory holding local copies of the datasets; default $HARNESS_DATA_DIR, then ../shared/data."""
     bad_rows: Literal["error", "drop"] = "drop"
     """A record with an empty or non-text field: 'drop' skips it with a logged count (the default, so the shipped
     data runs as it is: 4 Alpaca rows have an empty response); 'error' names the first one and stops."""
-    task: Literal["wikihow", "instructions"] = "wikihow"
-    """'wikihow': Study B's procedural task rendered in each format (WikiSum stands-in); 'instructions':
-    Study A's benign instruction datasets in their native format (see `finetune`)."""
-    finetune: FinetuneDataConfig = FinetuneDataConfig()
-    """Study A's fine-tuning datasets (used when task is 'instructions')."""
-    formats: list[Format] = ["prose", "list", "json"]
-    """Response formats to fine-tune on; the content is identical across them."""
-    train_size: Int = Field(1425, ge=1)
-    """Training rows (Study B: 1,425)."""
-    val_size: Int = Field(75, ge=0)
-    """Validation rows, used for eval_loss (Study B: 75)."""
-    test_size: Int = Field(100, ge=1)
-    """Task test rows, scored with ROUGE-L and S-BERT (Study B: 100)."""
-    split_seed: Int = 0
-    """Seed of the shuffle before the train/val/test cut."""
     harmful: HarmfulConfig = HarmfulConfig()
     """The harmful-prompt mix used to measure ASR."""
-    procedures: str = "wikihow"
-    """Study B's procedure set (title + steps), rendered in each format: the registry's WikiHow, or a declared
-    `procedures` dataset."""
     datasets: dict[str, UserDatasetConfig] = {}
     """The user's own datasets by name (files or hub ids with a column mapping): no code edits to use them."""
 
@@ -365,13 +350,68 @@ class DataConfig(Strict):
                 raise ValueError(f"{name!r} is a registry dataset already; give yours another name")
         return datasets
 
+
+class ProcedureData(DataCommon):
+    """Study B: one procedural task (WikiHow, or a declared procedure set) rendered in each response format, split
+    into train/val/test; every format is fine-tuned on apart and scored on the task's test split."""
+
+    task: Literal["wikihow"] = "wikihow"
+    """'wikihow' (the default): Study B's procedural task; 'instructions': Study A's instruction datasets."""
+    procedures: str = "wikihow"
+    """The procedure set (title + steps): the registry's WikiHow, or a declared `procedures` dataset."""
+    formats: list[Format] = ["prose", "list", "json"]
+    """Response formats to fine-tune on; the content is identical across them."""
+    train_size: Int = Field(1425, ge=1)
+    """Training rows (Study B: 1,425)."""
+    val_size: Int = Field(75, ge=0)
+    """Validation rows, used for eval_loss (Study B: 75)."""
+    test_size: Int = Field(100, ge=1)
+    """Task test rows, scored with ROUGE-L and S-BERT (Study B: 100)."""
+    split_seed: Int = 0
+    """Seed of the shuffle before the train/val/test cut."""
+
     @field_validator("formats")
     @classmethod
-    def _some_format(cls, formats: list[str], info: ValidationInfo) -> list[str]:
-        """Study B fine-tunes on (and scores the task in) each format; Study A's instruction data ignores them."""
-        if not formats and info.data.get("task") == "instructions":
-            return formats
+    def _some_format(cls, formats: list[str]) -> list[str]:
         return _unique(formats, "format")
+
+
+class InstructionData(DataCommon):
+    """Study A: benign instruction datasets (or the user's own) fine-tuned on in their native format."""
+
+    task: Literal["instructions"]
+    """'instructions': Study A's instruction datasets (see `finetune`)."""
+    finetune: FinetuneDataConfig = FinetuneDataConfig()
+    """Study A's fine-tuning datasets."""
+
+    @property
+    def formats(self) -> list[str]:
+        """No response formats: each set is fine-tuned on in its own, and there is no task test split to score."""
+        return []
+
+
+DATA_TASKS = {"wikihow": ProcedureData, "instructions": InstructionData}
+"""`data.task` -> the shape of the data section it selects."""
+
+
+def _data_task(value: object) -> str | None:
+    """The union member a data section validates as: its `task` (Study B's when left out); None for an unknown
+    task. A value that is not a mapping goes to Study B's shape, whose error then says a mapping is expected."""
+    if isinstance(value, dict):
+        task = value.get("task", "wikihow")
+    else:
+        task = getattr(value, "task", "wikihow")
+    return task if task in DATA_TASKS else None
+
+
+DataConfig = Annotated[
+    Annotated[ProcedureData, Tag("wikihow")] | Annotated[InstructionData, Tag("instructions")],
+    Discriminator(_data_task, custom_error_type="data_task",
+                  custom_error_message="data.task must be 'wikihow' (Study B) or 'instructions' (Study A)",
+                  custom_error_context={}),
+]
+"""The data section: Study B's procedure task or Study A's instruction sets, chosen by `task`; each has only
+the fields that mean something for it."""
 
 
 class JudgeConfig(Strict):
@@ -521,8 +561,8 @@ class ExperimentConfig(Strict):
     """Model under study: a packaged alias, a hub id or a local directory."""
     seeds: list[Int] = [0]
     """Training seeds; every (format, method) is fine-tuned once per seed."""
-    data: DataConfig = DataConfig()
-    """Datasets, formats and splits."""
+    data: DataConfig = ProcedureData()
+    """Datasets, formats and splits: Study B's procedure task (the default) or Study A's instruction sets."""
     train: TrainConfig = TrainConfig()
     """Fine-tuning hyperparameters (Study B, Table 3)."""
     eval: EvalConfig = EvalConfig()
@@ -547,14 +587,14 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _instructions_have_no_task_split(self) -> "ExperimentConfig":
-        if self.data.task == "instructions" and self.eval.task:
+        if self.data.task != "instructions":
+            return self
+        if self.eval.task:
             raise ValueError("eval.task must be false when data.task is 'instructions' (Study A has no task test split)")
-        if self.data.task != "instructions" and self.data.finetune.selfgen.enabled:
-            raise ValueError("data.finetune.selfgen needs data.task 'instructions'")
         unknown = set(self.data.finetune.selfgen.datasets or []) - set(self.data.finetune.datasets)
         if unknown:
             raise ValueError(f"data.finetune.selfgen.datasets {sorted(unknown)} are not in data.finetune.datasets")
-        if self.data.task == "instructions" and "promot" in self.train.methods:
+        if "promot" in self.train.methods:
             raise ValueError("train.methods: ProMoT needs a format to learn; use 'sft' with data.task 'instructions'")
         return self
 
@@ -582,8 +622,18 @@ def _one_line(error: ValidationError, source: str) -> str:
     """Pydantic's report as one line per problem, each naming the dotted path of the bad field."""
     problems = []
     for item in error.errors():
-        path = ".".join(str(part) if str(part).isprintable() else repr(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
+        loc, task = list(item["loc"]), None
+        if loc[:1] == ["data"] and len(loc) > 1 and loc[1] in DATA_TASKS:  # the union's tag, not a YAML key
+            task = loc.pop(1)
+        path = ".".join(str(part) if str(part).isprintable() else repr(part) for part in loc) or "(top level)"
+        other = next((name for name, shape in DATA_TASKS.items() if len(loc) == 2 and loc[0] == "data"
+                      and loc[1] in shape.model_fields and name != task), None) if loc[:1] == ["data"] else None
+        if item["type"] == "data_task":
+            got = item["input"].get("task") if isinstance(item["input"], dict) else item["input"]
+            problems.append(f"data.task: must be one of {', '.join(map(repr, DATA_TASKS))} (got {got!r})")
+        elif item["type"] == "extra_forbidden" and other:
+            problems.append(f"{path}: needs data.task '{other}' (this config's data.task is '{task}')")
+        elif item["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown key")
         elif item["type"] == "missing":
             problems.append(f"{path}: required field missing")

@@ -252,7 +252,7 @@ class ExperimentRunner:
         cfg = self.cfg
         if cfg.eval.evaluate_base:
             self.evaluate_base()
-        if cfg.data.finetune.selfgen.enabled and cfg.data.task == "instructions":
+        if cfg.data.task == "instructions" and cfg.data.finetune.selfgen.enabled:
             self.add_self_generated_sets()
         for method in cfg.train.methods:
             for fmt in self.training_sets():

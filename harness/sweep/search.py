@@ -404,7 +404,7 @@ class Sweep:
                 self.tracker.client.update_run(run_id, status="RUNNING")
             else:
                 tags = {Tag.KIND: Kind.SWEEP, Tag.STUDY: self.cfg.name, Tag.CONFIG_HASH: digest,
-                        Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task,
+                        Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.procedures,
                         Tag.FORMAT: self.sweep.format, Tag.METHOD: self.sweep.method,
                         Tag.GIT_COMMIT: provenance()["git"]["commit"], Tag.OWNER: _owner()}
                 run_id = self.tracker.client.create_run(
@@ -440,7 +440,7 @@ class Sweep:
                 refs["sft"] = self.objectives(hashes)
             if self.sweep.method == "promot":  # every trial shares its seed's stage-1 prompt: trained once, here
                 for seed in self.cfg.seeds:
-                    tags = {Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.task, Tag.FORMAT: self.sweep.format,
+                    tags = {Tag.MODEL: self.cfg.model, Tag.DATASET: self.cfg.data.procedures, Tag.FORMAT: self.sweep.format,
                             Tag.METHOD: "promot", Tag.SEED: seed}
                     training_method("promot").stage1_prompt(self.runner, self.sweep_run, tags)
         self.references = refs
@@ -543,7 +543,7 @@ class Sweep:
         retry_of = self.storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or None
         shown = ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}" for name, value in params.items())
         print(f"trial {trial.number} ({shown}){' retrying trial ' + str(retry_of[-1]) if retry_of else ''}", flush=True)
-        tags = {Tag.MODEL: cfg.model, Tag.DATASET: cfg.data.task, Tag.FORMAT: self.sweep.format,
+        tags = {Tag.MODEL: cfg.model, Tag.DATASET: cfg.data.procedures, Tag.FORMAT: self.sweep.format,
                 Tag.METHOD: self.sweep.method, Tag.TRIAL_NUMBER: trial.number, Tag.OPTUNA_STUDY: self.study_name}
         # Sampled values are logged as `optuna.<path>` params below; the unit's own key must not collide with them.
         unit = {**cfg.resolved(), "trial": {"study": self.study_name, "number": trial.number, "params": params}}

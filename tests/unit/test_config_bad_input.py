@@ -259,12 +259,30 @@ def test_empty_or_repeated_lists_are_errors(tmp_path, field, value, expected):
     one_line_error(load_config, write(tmp_path, nested(BASE, field, value)), f"{field}: Value error, {expected}")
 
 
-def test_no_formats_with_the_task_on_is_an_error_but_study_a_needs_none():
+def test_no_formats_with_the_task_on_is_an_error_but_study_a_has_none():
     with pytest.raises(HarnessError, match="data.formats: Value error, give at least one format"):
         parse_config({**BASE, "data": {"formats": []}, "eval": {"task": True}})
-    # Guard: Study A's instruction datasets have no formats, so none is fine there.
-    cfg = parse_config({**BASE, "data": {"task": "instructions", "formats": []}, "eval": {"task": False}})
+    # Study A's instruction datasets have no formats: the field is not part of its data section at all.
+    cfg = parse_config({**BASE, "data": {"task": "instructions"}, "eval": {"task": False}})
     assert cfg.data.formats == []
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"task": "instructions", "formats": ["list"]}, "config: data.formats: needs data.task 'wikihow' (this config's "
+                                                     "data.task is 'instructions')"),
+    ({"task": "instructions", "train_size": 3}, "config: data.train_size: needs data.task 'wikihow'"),
+    ({"finetune": {"datasets": ["alpaca"]}}, "config: data.finetune: needs data.task 'instructions' (this config's "
+                                             "data.task is 'wikihow')"),
+    ({"task": "chat"}, "config: data.task: must be one of 'wikihow', 'instructions' (got 'chat')"),
+    ({"task": "instructions", "finetune": {"size": 0}}, "config: data.finetune.size: Input should be greater than"),
+    ({"task": "instructions", "harmful": {"sources": {}}}, "config: data.harmful.sources: Value error, empty prompt set"),
+])
+def test_each_study_has_its_own_data_section(data, expected):
+    """The data section is one of two shapes chosen by `task` (a discriminated union): a field of the other study's
+    shape is named with the task it needs, and errors inside a shape name the YAML path without the union's tag."""
+    with pytest.raises(HarnessError) as error:
+        parse_config({**BASE, "data": data, "eval": {"task": False}})
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
 
 
 def test_a_sweep_with_no_judges_is_one_line_at_load_time(tmp_path):
