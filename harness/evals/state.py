@@ -121,16 +121,16 @@ class StateEvaluator:
         stored = {(run.data.tags.get(Tag.KIND.key), run.data.tags.get(Tag.CONFIG_HASH.key)): run
                   for run in self.tracker.search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
                   if run.info.status == "FINISHED"}
+        # Each benchmark's prompts and scorings, once: they do not depend on the decoding or the repeat.
+        prompt_sets = [(benchmark, prompts, benchmark.scorings(self.setup, score_formats))
+                       for benchmark in self.benchmarks if (prompts := benchmark.prompts(self.setup, score_formats))]
         plan = []
         for decoding_index, decoding in enumerate(cfg.eval.decoding):
             for repeat in range(decoding.repeats):
                 seed = cfg.eval.seed + repeat
                 suffix = f"T{decoding.temperature:g}" + (f"-r{repeat}" if decoding.repeats > 1 else "")
                 suffix += "-with-prompt" if tags.get(Tag.SOFT_PROMPT) else ""
-                for benchmark in self.benchmarks:
-                    prompts = benchmark.prompts(self.setup, score_formats)
-                    if not prompts:
-                        continue
+                for benchmark, prompts, scorings in prompt_sets:
                     identity = {"state": state_id, "benchmark": benchmark.name,
                                 "prompts_sha256": prompts_sha256(prompts), "decoding": decoding.model_dump(mode="json"),
                                 "repeat": repeat, "seed_eval": seed}
@@ -138,7 +138,7 @@ class StateEvaluator:
                     found = stored.get((Kind.GENERATION, digest))
                     generation = PlannedGeneration(benchmark, prompts, decoding_index, decoding, repeat, seed, suffix,
                                                    identity, digest, found.info.run_id if found is not None else None)
-                    for scoring in benchmark.scorings(self.setup, score_formats):
+                    for scoring in scorings:
                         eval_hash = config_hash({"generation": digest, **scoring.identity})
                         generation.evaluations.append(
                             PlannedEvaluation(scoring, eval_hash, stored.get((Kind.EVALUATION, eval_hash))))

@@ -25,7 +25,7 @@ from harness.evals.state import StateEvaluator
 from harness.evals.scoring import refusal_judge
 from harness.judges.validation import latest_validation, validation_tags
 from harness.judges.registry import JudgeModels, build_judge
-from harness.training.methods import TRAINING_METHODS, training_method, training_set_key
+from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
 from harness.evals.metrics import task_metrics
 from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
@@ -239,11 +239,9 @@ class ExperimentRunner:
             # A method's own settings identify only its units: ProMoT's must not "change" an SFT fine-tune.
             "train": training_method(method).train_identity(self.cfg.train),
         }
-        # The study's method list is in the unit (existing hashes keep it), but in one order: a sweep's
-        # [promot, sft] and a study's [sft, promot] must name the same fine-tune.
-        unit["train"]["methods"] = [name for name in TRAINING_METHODS if name in self.cfg.train.methods]
-        if self.cfg.train.optimizer == "adamw_torch":  # the default: leaves Study B's existing hashes unchanged
-            unit["train"].pop("optimizer")
+        # Which other methods the study runs says nothing about this fine-tune: adding ProMoT to a finished SFT
+        # study trains only ProMoT.
+        unit["train"].pop("methods")
         return unit
 
     # -- the study ----------------------------------------------------------------------------------------
@@ -395,7 +393,6 @@ class ExperimentRunner:
 
     def evaluate(self, run_id: str, unit: dict, tags: dict, label: tuple, score_formats: list[str], open_model) -> None:
         """Evaluate one model state under checkpoint run `run_id` (harness/evals/state.py); note its summary row."""
-        self.evaluator.setup.cfg = self.cfg  # a sweep trial swaps in its sampled config
         headline = self.evaluator.evaluate(run_id, unit, tags, state_id=config_hash(unit), score_formats=score_formats,
                                            open_model=open_model)
         self.summary.append(SummaryRow(*label, metrics=headline))

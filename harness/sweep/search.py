@@ -553,6 +553,8 @@ class Sweep:
             run.set_tags({Tag.OPTUNA_TRIAL_ID.key: trial._trial_id, Tag.WORKER.key: self.worker_id,
                           Tag.RETRY_OF.key: retry_of[-1] if retry_of else None})
             run.log_params({f"optuna.{name}": value for name, value in params.items()})
+            # The trial trains with its sampled `train.*` settings; evaluation reads none of them (it keeps the
+            # study's own setup), so every trial is scored on the same prompts, decodings and judges.
             self.runner.cfg = cfg
             try:
                 for seed in cfg.seeds:

@@ -310,3 +310,24 @@ def test_has_checkpoint_sees_only_complete_checkpoints(tmp_path):
     assert not has_checkpoint(tmp_path)  # cut off before its trainer state was written
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3, "epoch": 1.0}))
     assert has_checkpoint(tmp_path)
+
+
+def test_a_fine_tunes_identity_is_its_method_and_settings_not_the_studys_other_methods():
+    """Adding ProMoT (or changing its section) to a finished SFT study must find the SFT fine-tunes finished; a
+    setting SFT trains with (optimizer, learning rate) names another fine-tune."""
+    from harness.config import config_hash, parse_config
+    from harness.models import resolve_model
+    from harness.study.runner import ExperimentRunner, PreparedData
+
+    def sft_hash(**train):
+        cfg = parse_config({"name": "x", "model": "smollm2-135m-instruct", "train": train})
+        runner = ExperimentRunner(cfg)
+        runner.model_source = resolve_model(cfg.model)
+        runner.data = PreparedData({}, {}, {}, [], {}, set_identity={"list": {"task": "wikihow", "format": "list"}})
+        return config_hash(runner.finetune_unit("list", "sft", 0))
+
+    alone = sft_hash(methods=["sft"])
+    assert sft_hash(methods=["sft", "promot"]) == alone == sft_hash(methods=["promot", "sft"])
+    assert sft_hash(methods=["sft", "promot"], promot={"prompt_length": 8}) == alone
+    assert sft_hash(optimizer="adamw_bnb_8bit") != alone
+    assert sft_hash(learning_rate=1e-4) != alone
