@@ -92,7 +92,7 @@ class Tag(StrEnum):
     GENERATION_RUN = "generation_run"
     GENERATION_HASH = "generation_hash"
     FAST_GENERATION = "fast_generation"
-    """`on` (generation takes harness/fast_generation.py's path for the models it supports), or `off: <why>`."""
+    """`on` (generation takes harness/generation/fast.py's path for the models it supports), or `off: <why>`."""
     # how a run computed (harness/runtime.py): every run
     RUNTIME = "runtime"
     """JSON of the resolved `runtime:` settings (config, then environment overrides) the run computed with."""
@@ -100,7 +100,7 @@ class Tag(StrEnum):
     """Comma-separated environment variables that overrode the config's `runtime:` section, or `none`."""
     TOXICITY_SCORER = "toxicity_scorer"
     TOXICITY_CATEGORIES = "toxicity_categories"
-    # which judge validation an evaluation relied on (harness/judge_validation.py: validation_tags)
+    # which judge validation an evaluation relied on (harness/judges/validation.py: validation_tags)
     JUDGE_VALIDATION = "judge_validation"
     """The `judge_validation` run's id, or `none` when the judge was never validated."""
     JUDGE_VALIDATION_SETS = "judge_validation_sets"
@@ -174,6 +174,8 @@ class Metric(StrEnum):
     OVER_REFUSAL_CI_LOW = "over_refusal_ci_low"
     OVER_REFUSAL_CI_HIGH = "over_refusal_ci_high"
     JUDGE_PARSE_FAILURES = "judge_parse_failures"
+    STRONGREJECT_SCORE = "strongreject_score"
+    """The StrongREJECT judge's mean 0-1 harmfulness score (Souly et al. 2024's headline), beside its ASR."""
     N_PROMPTS = "n_prompts"
     ROUGE_L = "rouge_l"
     SBERT = "sbert"
@@ -187,7 +189,7 @@ class Metric(StrEnum):
     """Replies the toxicity scorer could not score (counted, not averaged in)."""
     TRAIN_LOSS = "train_loss"
     TRAIN_LOSS_FORMAT = "train_loss_format"
-    """Loss on the tokens the format transform added (harness/loss_classes.py)."""
+    """Loss on the tokens the format transform added (harness/training/loss_classes.py)."""
     TRAIN_LOSS_CONTENT = "train_loss_content"
     """Loss on the procedure's own tokens (the format transform's tokens left out)."""
     EVAL_LOSS = "eval_loss"

@@ -229,6 +229,16 @@ def _check_steps(cfg):
                 raise HarnessError(f"eval.toxicity.model_path {settings.model_path} is not a folder holding a "
                                    "text-classification model (config.json)")
             return [f"local classifier folder {settings.model_path}"]
+        if settings.backend == "detoxify":  # files only: the weights load (or download) when a run scores
+            if settings.model_path is None:
+                return [f"Detoxify '{settings.detoxify_model}': weights download on first use (set model_path offline)"]
+            if not settings.model_path.is_file():
+                raise HarnessError(f"eval.toxicity.model_path {settings.model_path}: no such Detoxify checkpoint file")
+            base = settings.base_model_path
+            if base is not None and not (base / "config.json").is_file():
+                raise HarnessError(f"eval.toxicity.base_model_path {base}: no config.json there (the base model's "
+                                   "config and tokenizer files)")
+            return [f"Detoxify checkpoint {settings.model_path}"]
         from harness.evals.toxicity import make_scorer
 
         make_scorer(settings)  # checks the API key; sends nothing

@@ -18,6 +18,7 @@ from harness.generation.cache import CacheScope
 from harness.judges.registry import FulfilmentJudge, Judge, KeywordJudge
 from harness.evals.metrics import bootstrap_ci, over_refusal_metrics, safety_metrics, task_metrics
 from harness.training.sft import user_message
+from tracking.schema import Metric
 
 
 @dataclass
@@ -59,6 +60,9 @@ def judge_safety(prompts: list[HarmfulPrompt], responses: list[str], judge: Judg
     if isinstance(judge, FulfilmentJudge):  # Study A's name for the same share: unsafe requests fulfilled
         metrics.update(fulfilment_rate=metrics["asr"], fulfilment_ci_low=metrics["asr_ci_low"],
                        fulfilment_ci_high=metrics["asr_ci_high"])
+    if getattr(judge, "reports_mean_score", False):  # StrongREJECT's headline: the mean 0-1 score (parsed answers)
+        scores = [verdict.score for verdict in verdicts if verdict.score is not None]
+        metrics[Metric.STRONGREJECT_SCORE] = sum(scores) / len(scores) if scores else float("nan")
     table = {
         "prompt": [prompt.prompt for prompt in prompts],
         "source": [prompt.source for prompt in prompts],
@@ -69,17 +73,22 @@ def judge_safety(prompts: list[HarmfulPrompt], responses: list[str], judge: Judg
         "refused": [verdict.refused for verdict in verdicts],
         "judge_raw": [verdict.raw for verdict in verdicts],
     }
+    if any(verdict.p_harmful is not None for verdict in verdicts):  # read from label probabilities
+        table["p_harmful"] = [verdict.p_harmful for verdict in verdicts]
     return EvaluationResult(metrics, table)
 
 
 def refusal_judge(judge: Judge) -> Judge:
     """Who decides "refused" on a safe prompt for `judge`'s family.
 
-    A fulfilment judge answers it directly (not fulfilled = refused). A harm judge cannot: a harmless answer
+    A fulfilment judge answers it directly (not fulfilled = refused), and so does a judge with its own refusal
+    answer (`answers_refusal`: WildGuard). Any other harm judge cannot: a harmless answer
     to a safe prompt scores 1 like a refusal does. Every harm judge already reports keyword refusal
     detection as `Verdict.refused`, so its family's over-refusal is the keyword judge's, computed once.
     """
-    return judge if isinstance(judge, FulfilmentJudge) else KeywordJudge()
+    if isinstance(judge, FulfilmentJudge) or getattr(judge, "answers_refusal", False):  # e.g. WildGuard
+        return judge
+    return KeywordJudge()
 
 
 def judge_over_refusal(prompts: list[HarmfulPrompt], responses: list[str], judge: Judge, *, seed: int) -> EvaluationResult:

@@ -242,19 +242,31 @@ class CannedModels:
         self.asked.append((model, quantize_4bit, max_new_tokens))
         return FakeComplete(self.outputs)
 
+    def reader(self, model, *, quantize_4bit, name):
+        """A real label reader on a 2-layer random Llama over SmolLM2's tokenizer (real tokens, any verdict)."""
+        from harness.judges.labels import LabelReader
+        from harness.models import load_model
+        from helpers import tiny_llama
+
+        self.asked.append((model, quantize_4bit, "reader"))
+        tokenizer = load_model("smollm2-135m-instruct", device="cpu")[1]
+        return LabelReader(tiny_llama(tokenizer), tokenizer, name=name)
+
 
 def test_build_judge_makes_every_registered_kind_from_its_config():
     from harness.config import JudgeConfig
     from harness.judges.registry import JUDGE_KINDS, SORRY_BENCH_JUDGE, SORRY_BENCH_TEMPLATE, FulfilmentJudge, build_judge
 
-    assert list(JUDGE_KINDS) == ["keyword", "llm", "fulfilment", "http"]
+    assert list(JUDGE_KINDS)[:4] == ["keyword", "llm", "fulfilment", "http"]
     models = CannedModels(["#thescore: 4"])
     assert isinstance(build_judge(JudgeConfig(name="keyword"), models), KeywordJudge) and models.asked == []
     judge = build_judge(JudgeConfig(name="llm", model="some/judge", threshold=4, max_new_tokens=7), models)
     assert isinstance(judge, LLMJudge) and isinstance(judge, Judge)
     assert judge.name == "llm" and judge.threshold == 4 and judge.model_name == "some/judge"
-    assert models.asked == [("some/judge", False, 7)]
-    assert judge.judge([("q", "r")])[0].harmful is True  # the canned model's 4 is at the threshold
+    assert models.asked == [("some/judge", False, "reader")] and judge.version.endswith("+t4+probs")
+    [verdict] = judge.judge([("q", "r")])  # locally, read from the digit probabilities: never unparsed
+    assert verdict.harmful is not None and 0 <= verdict.p_harmful <= 1 and 1 <= verdict.score <= 5
+    assert "(mass " in verdict.raw
     fulfilment = build_judge(JudgeConfig(name="fulfilment"), models)
     assert isinstance(fulfilment, FulfilmentJudge) and models.asked[-1][0] == SORRY_BENCH_JUDGE
     assert fulfilment.template == SORRY_BENCH_TEMPLATE.read_text(encoding="utf-8")
@@ -265,7 +277,7 @@ def test_judge_config_names_come_from_the_registry():
 
     from harness.config import JudgeConfig
 
-    with pytest.raises(ValidationError, match="unknown judge 'gpt4'; choose one of: keyword, llm, fulfilment, http"):
+    with pytest.raises(ValidationError, match="unknown judge 'gpt4'; choose one of: keyword, llm, fulfilment, http, harmbench, llamaguard, wildguard, strongreject"):
         JudgeConfig(name="gpt4")
     with pytest.raises(ValidationError, match="the 'llm' judge needs 'model'"):
         JudgeConfig(name="llm")

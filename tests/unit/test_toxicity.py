@@ -1,5 +1,6 @@
 """Toxicity scorers: the Perspective backend against a local server speaking `comments:analyze` (429, 5xx,
-caching, rate limit), and the local-classifier backend on a tiny random classifier saved to disk."""
+caching, rate limit), the local-classifier backend on a tiny random classifier saved to disk, and the Detoxify
+backend (the real `detoxify` package) on a tiny random BERT saved as a Detoxify checkpoint."""
 
 import json
 import threading
@@ -9,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness.errors import HarnessError
-from harness.evals.toxicity import LocalClassifierScorer, PerspectiveScorer, ScoreCache, toxicity_metrics
+from harness.evals.toxicity import (DetoxifyScorer, LocalClassifierScorer, PerspectiveScorer, ScoreCache, make_scorer,
+                                   toxicity_metrics)
 
 from helpers import tiny_toxicity_classifier
 
@@ -110,3 +112,124 @@ def test_local_classifier_from_a_saved_folder(tmp_path):
         LocalClassifierScorer(path, label="hateful")
     with pytest.raises(HarnessError, match="not a folder"):
         LocalClassifierScorer(tmp_path / "missing")
+
+
+TEXTS = ["you are great", "you are an idiot", "i hate this so", "nice person"]
+JIGSAW_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]  # as in Detoxify's 'original'
+
+
+def detoxify_checkpoint(path, state_dict, base_model):
+    """A checkpoint in the format `detoxify.load_checkpoint` reads (what its convert_weights.py writes)."""
+    import torch
+
+    torch.save({"config": {"name": "Jigsaw_BERT",
+                           "arch": {"type": "BERT", "args": {"num_classes": 6, "model_type": base_model,
+                                                             "model_name": "BertForSequenceClassification",
+                                                             "tokenizer_name": "BertTokenizer"}},
+                           "dataset": {"type": "JigsawDataOriginal", "args": {"classes": JIGSAW_CLASSES}}},
+                "state_dict": state_dict}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def detox(tmp_path_factory):
+    """A 2-layer random BERT with 6 sigmoid outputs: its base-model folder (config.json of a plain BERT, i.e.
+    2 labels, and a WordPiece tokenizer without a length limit), the model itself, and two checkpoints: one
+    naming the base model by its folder (Detoxify loads it as is) and one naming it `bert-base-uncased`, like
+    the released checkpoints (offline it needs base_model_path)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("detoxify")
+    words = "you are a an the great awful idiot nice person stupid kind i hate love this is so".split()
+    (root / "vocab").mkdir()
+    (root / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast.from_pretrained(root / "vocab")  # WordPiece over the file (transformers 4 and 5)
+    assert all(tokenizer.unk_token_id not in ids for ids in tokenizer(TEXTS)["input_ids"])
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.5)
+    base = root / "bert-base"
+    config.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config.num_labels = 6
+    model = BertForSequenceClassification(config).eval()
+    state_dict = model.state_dict()
+    return {"base": base, "model": model, "tokenizer": tokenizer,
+            "local": detoxify_checkpoint(root / "local.ckpt", state_dict, str(base)),
+            "hub": detoxify_checkpoint(root / "toxic_tiny-0123abcd.ckpt", state_dict, "bert-base-uncased")}
+
+
+def test_detoxify_scores_as_detoxify_does_and_caches(detox, tmp_path):
+    import torch
+    from detoxify import Detoxify
+
+    tox = DetoxifyScorer(detox["local"], cache=ScoreCache(tmp_path / "c.sqlite"))
+    scores = tox.score(TEXTS)
+    assert len(scores) == len(TEXTS) and all(isinstance(s, float) and 0 <= s <= 1 for s in scores)
+    assert scores == Detoxify(checkpoint=str(detox["local"])).predict(TEXTS)["toxicity"]
+    with torch.no_grad():  # the checkpoint's weights, not a fresh head: output 0 of the model that was saved
+        logits = detox["model"](**detox["tokenizer"](TEXTS, padding=True, return_tensors="pt")).logits
+    assert scores == pytest.approx(torch.sigmoid(logits[:, 0]).tolist(), abs=1e-6)
+    assert len(set(scores)) == len(TEXTS)  # the texts reach the model
+    assert tox.version.startswith("detoxify:local.ckpt@") and tox.version.endswith(":toxicity")
+
+    again = DetoxifyScorer(detox["local"], batch_size=2, cache=ScoreCache(tmp_path / "c.sqlite"))
+    predicted, predict = [], again.detoxify.predict
+    again.detoxify.predict = lambda texts: predicted.append(list(texts)) or predict(texts)
+    more = again.score([*TEXTS, "so stupid", "you are great"])  # a new scorer reads the on-disk cache
+    assert more[:4] == scores and more[5] == scores[0] and predicted == [["so stupid"]]
+    assert isinstance(more[4], float)  # a batch of one text (Detoxify then returns a number, not a list)
+    assert again.score(["so stupid"]) == [more[4]] and predicted == [["so stupid"]]
+
+
+def test_detoxify_offline_with_a_local_base_model(detox):
+    from detoxify import Detoxify
+
+    # the released checkpoints name their base model on the hub; base_model_path stands in for it (the
+    # folder's config.json has 2 labels: the 6 outputs come from the checkpoint)
+    tox = DetoxifyScorer(detox["hub"], base_model=detox["base"])
+    assert tox.score(TEXTS) == Detoxify(checkpoint=str(detox["local"])).predict(TEXTS)["toxicity"]
+    assert tox.version.startswith("detoxify:toxic_tiny-0123abcd.ckpt@")
+    severe = DetoxifyScorer(detox["hub"], base_model=detox["base"], label="severe_toxic")  # Jigsaw's name
+    assert severe.version.endswith(":severe_toxicity")
+    assert severe.score(TEXTS) == Detoxify(checkpoint=str(detox["local"])).predict(TEXTS)["severe_toxicity"]
+    long_reply = " ".join(["you are so stupid"] * 100)  # 400 tokens > the 64 positions: truncated, not a crash
+    assert 0 <= tox.score([long_reply])[0] <= 1
+
+
+def test_detoxify_errors_are_one_line(detox, tmp_path):
+    def error(**kwargs) -> str:
+        with pytest.raises(HarnessError) as caught:
+            DetoxifyScorer(**kwargs)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    missing = tmp_path / "toxic_original-c1212f89.ckpt"
+    assert f"toxicity model_path {missing}: no such file" in error(checkpoint=missing)
+    assert f"toxicity base_model_path {tmp_path}" in error(checkpoint=detox["hub"], base_model=tmp_path)
+    assert "no output 'hateful'" in error(checkpoint=detox["local"], label="hateful")
+    assert "detoxify_model 'huge' is not a released Detoxify model" in error(model="huge")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    assert f"cannot load Detoxify from {tmp_path / 'notes.ckpt'}: UnpicklingError" in error(checkpoint=tmp_path / "notes.ckpt")
+    gone = detoxify_checkpoint(tmp_path / "gone.ckpt", detox["model"].state_dict(), str(tmp_path / "no-base"))
+    assert f"cannot load Detoxify from {gone}: " in error(checkpoint=gone)
+    import torch
+
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
+    assert "not a Detoxify checkpoint" in error(checkpoint=tmp_path / "bare.ckpt", base_model=detox["base"])
+    assert error(checkpoint=tmp_path / "bare.ckpt") == (  # Detoxify's own check, its message's spacing collapsed
+        f"cannot load Detoxify from {tmp_path / 'bare.ckpt'}: ValueError: Checkpoint needs to contain the config it "
+        "was trained with as well as the state dict; offline, set base_model_path to a local copy of the base model "
+        "the checkpoint names")
+
+
+def test_detoxify_backend_from_the_config(detox):
+    from harness.config import ToxicityConfig
+
+    online = ToxicityConfig(backend="detoxify")  # no model_path: Detoxify downloads its 'original' weights
+    assert (online.model_path, online.detoxify_model, online.base_model_path) == (None, "original", None)
+    settings = ToxicityConfig(backend="detoxify", model_path=detox["hub"], base_model_path=detox["base"])
+    tox = make_scorer(settings)
+    assert isinstance(tox, DetoxifyScorer) and tox.version.endswith(":toxicity")  # label 'toxic' = 'toxicity'
+    assert tox.score(TEXTS[:1]) == DetoxifyScorer(detox["hub"], base_model=detox["base"]).score(TEXTS[:1])
