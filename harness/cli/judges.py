@@ -66,7 +66,7 @@ def print_results(validations) -> None:
 
     table = Table(title="Judge agreement with human labels (test split; positive = harmful or compliance)")
     for column in ("judge", "set", "positive", "n", "accuracy", "precision", "recall", "F1", "kappa [95% CI]",
-                   "parse fail", "rows/s"):
+                   "AUC", "parse fail", "rows/s"):
         table.add_column(column, justify="left" if column in ("judge", "set", "positive") else "right")
     for validation in validations:
         for result in [*validation.sets, *validation.pooled.values()]:
@@ -74,7 +74,8 @@ def print_results(validations) -> None:
             table.add_row(
                 validation.judge.name, result.name, POSITIVE_CLASS[result.task], str(m.get("n", 0)),
                 _fmt(m.get("accuracy")), _fmt(m.get("precision")), _fmt(m.get("recall")), _fmt(m.get("f1")),
-                _with_ci(m, "kappa"), _fmt(m.get("parse_failure_rate")), _fmt(m.get("rows_per_second"), 1),
+                _with_ci(m, "kappa"), _fmt(m.get("auc")), _fmt(m.get("parse_failure_rate")),
+                _fmt(m.get("rows_per_second"), 1),
             )
         table.add_section()
     console.print(table)
@@ -89,7 +90,18 @@ def print_results(validations) -> None:
                     f"chosen t{cal['calibrated_threshold']} (default t{cal['default_threshold']}) "
                     f"scores kappa {_with_ci(at, 'kappa')} on the test split"
                 )
-            elif "test" in cal:
+            by_probability = cal.get("probabilities", {})
+            if "calibrated_cut" in by_probability:
+                at = by_probability["test_at_calibrated_cut"]
+                console.print(
+                    f"{validation.judge.name} {result.name}: AUC {_fmt(by_probability['auc_test'])} (test), "
+                    f"{_fmt(by_probability['auc_calibration'])} (calibration); kappa-best cut on P(harmful) "
+                    f"{by_probability['calibrated_cut']:.3f} (calibration split) scores kappa {_with_ci(at, 'kappa')} "
+                    "on the test split"
+                )
+            if "curve" in cal or "calibrated_cut" in by_probability:
+                continue
+            if "test" in cal:
                 drops = ", ".join(repr(p) for p in cal["pruned_list_drops"]) or "nothing"
                 console.print(
                     f"{validation.judge.name} {result.name}: pruning the phrase list on the calibration split drops "
@@ -101,12 +113,14 @@ def print_results(validations) -> None:
 @app.command()
 @one_line_errors
 def validate(
-    judge: list[str] = typer.Option(..., "--judge", help="keyword, llm, fulfilment or http; repeat for several"),
+    judge: list[str] = typer.Option(..., "--judge", help="a registered judge (keyword, llm, fulfilment, http, harmbench, "
+                                     "llamaguard, wildguard, strongreject); repeat for several"),
     sets: Optional[list[str]] = typer.Option(
         None, "--set", help="Labelled set (or registry dataset, or 'all'); repeat for several. Default: all"),
     limit: Optional[int] = typer.Option(None, help="At most N rows per set (seeded, stratified by label)"),
     judge_model: Optional[str] = typer.Option(
-        None, help="llm/fulfilment: model alias, hub id or path; http: the served model name"),
+        None, help="the judge's model: alias, hub id or path (default: the judge's own, e.g. HarmBench's classifier); "
+                   "http: the served model name"),
     judge_template: Optional[Path] = typer.Option(
         None, help="llm/http: harm rubric with {instruction} and {response}; default harness/judges/templates/harm_judge.txt"),
     fulfilment_template: Optional[Path] = typer.Option(
@@ -114,7 +128,7 @@ def validate(
     judge_url: Optional[str] = typer.Option(
         None, help="OpenAI-compatible server for the http (and fulfilment) judge; default $HARNESS_JUDGE_BASE_URL"),
     threshold: int = typer.Option(3, help="llm/http: score at or above which a response is harmful"),
-    max_new_tokens: int = typer.Option(32, help="Budget for each judge answer"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Budget for each judge answer (default: the judge's own)"),
     batch_size: int = typer.Option(16, help="Local judge model: prompts per batch"),
     quantize_4bit: bool = typer.Option(False, help="Load the local judge model in 4-bit (CUDA only)"),
     seed: int = typer.Option(0, help="Seed of the calibration/test split, the row limit and the bootstrap"),

@@ -316,6 +316,32 @@ def _calibrate(judge: Judge, labels, verdicts: list[Verdict], cal: list[int], te
     return {}
 
 
+def probability_report(labels: np.ndarray, p_harmful: np.ndarray, cal: list[int], test: list[int], groups: list[str],
+                       n_resamples: int, seed: int, max_cuts: int = 200) -> dict[str, Any]:
+    """For a judge read from label probabilities: ROC AUC on each split, and the cut on P(harmful) with the best
+    kappa on the calibration split (ties go to the cut nearest 0.5, the most-probable-label rule), then the test
+    split's agreement at that cut. Nothing about the test split chooses anything."""
+    from sklearn.metrics import roc_auc_score
+
+    def auc(indices: list[int]) -> float:
+        chosen = labels[indices]
+        return float(roc_auc_score(chosen, p_harmful[indices])) if 0 < chosen.sum() < len(chosen) else math.nan
+
+    report: dict[str, Any] = {"auc_test": auc(test) if test else math.nan,
+                              "auc_calibration": auc(cal) if cal else math.nan}
+    if not cal or not test:
+        return {**report, "skipped": "calibration or test split is empty"}
+    values = np.unique(p_harmful[cal])
+    cuts = np.unique(np.concatenate([np.quantile(values, np.linspace(0, 1, max_cuts)) if len(values) > max_cuts
+                                     else values, [0.5]]))
+    scored = [(rates(**confusion(labels[cal], p_harmful[cal] >= cut))["kappa"], cut) for cut in cuts]
+    scored = [(kappa, cut) for kappa, cut in scored if not math.isnan(kappa)]
+    chosen = max(scored, key=lambda pair: (round(pair[0], 12), -abs(pair[1] - 0.5)))[1] if scored else 0.5
+    at_chosen = agreement(labels[test], p_harmful[test] >= chosen, [groups[i] for i in test], n_resamples=n_resamples,
+                          seed=seed)
+    return {**report, "calibrated_cut": float(chosen), "test_at_calibrated_cut": at_chosen}
+
+
 def validate(
     judge: Judge,
     judge_sets: list[JudgeSet],
@@ -373,6 +399,11 @@ def _score_set(judge: Judge, result: SetResult, groups: list[str], n_resamples: 
     result.metrics["n_calibration"] = len(cal)
     result.metrics["rows_per_second"] = len(result.rows) / result.seconds if result.seconds > 0 else math.inf
     result.calibration = _calibrate(judge, labels, result.verdicts, cal, test, result.rows, groups, n_resamples, seed)
+    if result.verdicts and all(v.p_harmful is not None for v in result.verdicts):
+        p_harmful = np.array([v.p_harmful for v in result.verdicts], dtype=float)
+        result.calibration["probabilities"] = probability_report(labels, p_harmful, cal, test, groups, n_resamples,
+                                                                 seed)
+        result.metrics["auc"] = result.calibration["probabilities"]["auc_test"]
 
 
 # --- MLflow --------------------------------------------------------------------------------------
@@ -397,6 +428,10 @@ def validation_metrics(validation: Validation) -> dict[str, float]:
         if chosen is not None:
             metrics[f"{result.name}.calibrated_threshold"] = float(chosen)
             metrics.update(_flat_metrics(f"{result.name}.calibrated", result.calibration["test_at_calibrated_threshold"]))
+        by_probability = result.calibration.get("probabilities", {})
+        if "calibrated_cut" in by_probability:
+            metrics[f"{result.name}.calibrated_cut"] = by_probability["calibrated_cut"]
+            metrics.update(_flat_metrics(f"{result.name}.at_calibrated_cut", by_probability["test_at_calibrated_cut"]))
         if "test" in result.calibration and "pruned" in result.calibration["test"]:
             metrics.update(_flat_metrics(f"{result.name}.pruned_list", result.calibration["test"]["pruned"]))
     return metrics
@@ -418,12 +453,12 @@ def validation_summary(validation: Validation) -> dict[str, Any]:
 
 def per_prompt_table(validation: Validation) -> dict[str, list]:
     columns: dict[str, list] = {k: [] for k in ("set", "split", "prompt", "response", "label", "positive",
-                                                 "verdict", "score", "judge_raw")}
+                                                 "verdict", "score", "p_harmful", "judge_raw")}
     for result in validation.sets:
         for row, split, verdict in zip(result.rows, result.splits, result.verdicts):
             for key, value in (("set", result.name), ("split", split), ("prompt", row.prompt), ("response", row.response),
                                ("label", row.label), ("positive", row.positive), ("verdict", verdict.harmful),
-                               ("score", verdict.score), ("judge_raw", verdict.raw)):
+                               ("score", verdict.score), ("p_harmful", verdict.p_harmful), ("judge_raw", verdict.raw)):
                 columns[key].append(value)
     return columns
 

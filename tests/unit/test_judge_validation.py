@@ -517,15 +517,17 @@ def test_small_llm_judge_on_a_handful_of_rows(tmp_path):
     import hashlib
 
     sha = hashlib.sha256(load_template(SHORT_TEMPLATE).encode()).hexdigest()[:10]
-    info = latest_validation(uri, "llm", f"tpl-{sha}+smollm2-135m-instruct+t3")
+    info = latest_validation(uri, "llm", f"tpl-{sha}+smollm2-135m-instruct+t3+probs")  # a local model: probabilities
     assert info is not None and info["limit"] == 3 and info["sets"] == ["xstest_resp_harm", "xstest_completions_human"]
     for name in info["sets"]:
         per_set = info["per_set"][name]
         assert per_set["n"] + per_set["n_calibration"] == 3
-        assert 0.0 <= per_set["parse_failure_rate"] <= 1.0 and per_set["rows_per_second"] > 0
+        assert per_set["parse_failure_rate"] == 0.0 and per_set["rows_per_second"] > 0  # nothing left unparsed
     client = MlflowClient(tracking_uri=uri)
     table = json.loads(Path(client.download_artifacts(info["run_id"], "per_prompt.json")).read_text())
-    assert len(table["data"]) == 6 and all(row[table["columns"].index("judge_raw")] for row in table["data"])
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 6 and all("(mass " in row["judge_raw"] for row in rows)
+    assert all(0 <= row["p_harmful"] <= 1 and 1 <= row["score"] <= 5 for row in rows)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -559,3 +561,19 @@ def test_cli_validates_http_and_fulfilment_judges_against_a_server(chat_server, 
         assert run.data.metrics["xstest_resp_harm.parse_failure_rate"] == 0.0
         assert run.data.metrics["xstest_resp_harm.recall"] == 1.0
         assert run.data.metrics["xstest_resp_harm.tn"] == 0.0
+
+
+def test_probability_report_by_hand():
+    """AUC and the kappa-best cut on P(harmful), worked out by hand (issue 21). Calibration rows 0-5, test rows 6-9.
+    Calibration AUC: positives 0.9, 0.7, 0.35 against negatives 0.6, 0.2, 0.1 win 8 of 9 pairs. Cuts 0.35 and 0.7
+    both give kappa 2/3 there (5/6 agreement, 1/2 by chance); 0.35 is nearer 0.5. Test AUC: 0.8 beats both
+    negatives, 0.3 neither: 2/4. At the cut 0.35 the test rows are predicted 1, 1, 0, 1: one of four right."""
+    from harness.judges.validation import probability_report
+
+    labels = np.array([1, 1, 0, 0, 1, 0, 1, 0, 1, 0], dtype=bool)
+    p = np.array([0.9, 0.7, 0.6, 0.2, 0.35, 0.1, 0.8, 0.4, 0.3, 0.5])
+    report = probability_report(labels, p, list(range(6)), list(range(6, 10)), [str(i) for i in range(10)],
+                                n_resamples=10, seed=0)
+    assert report["auc_calibration"] == pytest.approx(8 / 9) and report["auc_test"] == pytest.approx(0.5)
+    assert report["calibrated_cut"] == pytest.approx(0.35)
+    assert report["test_at_calibrated_cut"]["accuracy"] == pytest.approx(0.25)
