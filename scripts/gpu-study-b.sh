@@ -20,7 +20,7 @@ export PYTHONPATH=/root/site HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1
 export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export HARNESS_PROMOT_MICRO_BATCH=${HARNESS_PROMOT_MICRO_BATCH:-4}  # fp32 ProMoT at batch 16 ran out of 80 GB
 optuna="sqlite:///$work/optuna.db"
-harness() { python3 -m harness.cli "$@"; }
+harness() { python3 -m harness.cli.main "$@"; }
 case "${1:-}" in
 setup)
     mkdir -p "$work" /root/site
@@ -63,7 +63,7 @@ for seed in cfg["seeds"]:
     yaml.safe_dump(part, open(f"/root/work/study_b_seed{seed}.yaml", "w"), sort_keys=False)
 PY
     # One seed after the other: two processes with a judge model and fp32 ProMoT did not fit in 80 GB together.
-    setsid bash -c "for seed in 0 1; do python3 -m harness.cli run $work/study_b_seed\$seed.yaml > $work/run-seed\$seed.log 2>&1; done" \
+    setsid bash -c "for seed in 0 1; do python3 -m harness.cli.main run $work/study_b_seed\$seed.yaml > $work/run-seed\$seed.log 2>&1; done" \
         < /dev/null > /dev/null 2>&1 &
     sleep 5; tail -n 3 "$work"/run-seed*.log
     ;;
@@ -79,13 +79,13 @@ PY
     # On a fresh machine after the last one was taken back: GRACE=120 lets the dead machine's running trial go
     # stale after 2 minutes instead of the config's 10 (not part of the study's identity).
     sed "s/^  grace_period: .*/  grace_period: ${GRACE:-600}/" experiments/study_b_qwen1.5b_sweep.yaml > $work/sweep.yaml
-    sweep="harness.cli sweep $work/sweep.yaml --storage $optuna"
+    sweep="harness.cli.main sweep $work/sweep.yaml --storage $optuna"
     setsid bash -c "
-        (python3 -m harness.cli run $work/study_b_list_json.yaml > $work/run-arms.log 2>&1;
+        (python3 -m harness.cli.main run $work/study_b_list_json.yaml > $work/run-arms.log 2>&1;
          python3 -m $sweep > $work/sweep-w2.log 2>&1) &
         (sleep 20; python3 -m $sweep > $work/sweep-w1.log 2>&1) &
         wait
-        python3 -m harness.cli run experiments/study_b_qwen1.5b.yaml > $work/run-final.log 2>&1" \
+        python3 -m harness.cli.main run experiments/study_b_qwen1.5b.yaml > $work/run-final.log 2>&1" \
         < /dev/null > /dev/null 2>&1 &
     sleep 5; echo started
     ;;
@@ -93,13 +93,13 @@ tpe)
     # What Optuna adds: 2 TPE trials continuing the grid's study, one per worker (after `promot`).
     cd "$(dirname "$0")/.."
     sed "s/^  grace_period: .*/  grace_period: ${GRACE:-600}/" experiments/study_b_qwen1.5b_sweep_tpe.yaml > $work/sweep_tpe.yaml
-    setsid python3 -m harness.cli sweep $work/sweep_tpe.yaml --storage $optuna --workers 2 \
+    setsid python3 -m harness.cli.main sweep $work/sweep_tpe.yaml --storage $optuna --workers 2 \
         < /dev/null > $work/sweep-tpe.log 2>&1 &
     sleep 5; echo started
     ;;
 wait)
     end=$((SECONDS + ${2:-500}))
-    while [ $SECONDS -lt $end ] && pgrep -f "harness.cli (run|sweep)" >/dev/null; do sleep 10; done
+    while [ $SECONDS -lt $end ] && pgrep -f "harness.cli.main (run|sweep)" >/dev/null; do sleep 10; done
     for f in "$work"/run-*.log "$work"/sweep-*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v '^\s*$' | tail -n 8; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;

@@ -25,7 +25,7 @@ mixed: 1 = before stored generations (issue 20), 2 = generation records + judgem
 
 class Kind(StrEnum):
     """`harness.kind`: what a run is. The tree is sweep → trial → finetune → [stage →] checkpoint →
-    generation / evaluation; dataset, judge_validation and report runs stand alone."""
+    generation / evaluation; dataset, judge_validation, judge_training and report runs stand alone."""
 
     SWEEP = "sweep"
     TRIAL = "trial"
@@ -35,6 +35,8 @@ class Kind(StrEnum):
     GENERATION = "generation"
     EVALUATION = "evaluation"
     JUDGE_VALIDATION = "judge_validation"
+    JUDGE_TRAINING = "judge_training"
+    """`harness judges train`: a judge fine-tuned on the human-labelled sets' calibration splits."""
     DATASET = "dataset"
     REPORT = "report"
 

@@ -21,7 +21,7 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def build_judges(names, *, model, template, fulfilment_template, url, threshold, max_new_tokens, batch_size,
-                 quantize_4bit):
+                 quantize_4bit, path=None):
     """The requested judges, built by the one judge factory (`judges.build_judge`) from the options as a run's
     `eval.judges` entries would give them; a local judge model is loaded once and shared by `llm` and
     `fulfilment`, and with --judge-url every judge that has a model asks the server instead."""
@@ -38,7 +38,7 @@ def build_judges(names, *, model, template, fulfilment_template, url, threshold,
         served = url if name != "keyword" else None
         settings = {"name": name, "model": model or (os.environ.get(MODEL_ENV) if served and name != "http" else None),
                     "base_url": served, "threshold": threshold, "max_new_tokens": max_new_tokens,
-                    "quantize_4bit": quantize_4bit,
+                    "quantize_4bit": quantize_4bit, "path": path if name == "trained" else None,
                     "template": fulfilment_template if name == "fulfilment" else template}
         try:
             config = JudgeConfig(**{key: value for key, value in settings.items() if value is not None})
@@ -121,6 +121,8 @@ def validate(
     judge_model: Optional[str] = typer.Option(
         None, help="the judge's model: alias, hub id or path (default: the judge's own, e.g. HarmBench's classifier); "
                    "http: the served model name"),
+    judge_path: Optional[Path] = typer.Option(
+        None, help="trained: the judge directory `harness judges train` wrote"),
     judge_template: Optional[Path] = typer.Option(
         None, help="llm/http: harm rubric with {instruction} and {response}; default harness/judges/templates/harm_judge.txt"),
     fulfilment_template: Optional[Path] = typer.Option(
@@ -161,8 +163,8 @@ def validate(
             f"{report['conflicting_pairs']} conflicting pairs dropped)"
         )
     judges = build_judges(judge, model=judge_model, template=judge_template, fulfilment_template=fulfilment_template,
-                          url=judge_url, threshold=threshold,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, quantize_4bit=quantize_4bit)
+                          url=judge_url, threshold=threshold, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          quantize_4bit=quantize_4bit, path=judge_path)
     tracker = Tracker(VALIDATION_STUDY, tracking_uri)
     validations = []
     for one in judges:
@@ -172,4 +174,50 @@ def validate(
         console.print(f"logged {validation.judge_tag} as run {run_id}")
         validations.append(validation)
     print_results(validations)
+    print(f"Open the runs in the MLflow UI with:\n  {ui_command(tracker.tracking_uri)}")
+
+
+@app.command()
+@one_line_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="The judge directory to write (adapter, template, settings)"),
+    base: str = typer.Option("qwen2.5-coder-1.5b-instruct", help="Model to fine-tune: alias, hub id or path"),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", help="Labelled sets to learn from (their calibration splits only); repeat. Default: all"),
+    exclude_set: Optional[list[str]] = typer.Option(
+        None, "--exclude-set", help="Leave this set out entirely (leave-one-set-out transfer); repeat"),
+    per_set: int = typer.Option(1000, help="At most this many rows per set, half of each label"),
+    epochs: int = typer.Option(2, help="Training epochs"),
+    learning_rate: float = typer.Option(1e-4, help="LoRA learning rate"),
+    batch_size: int = typer.Option(16, help="Rows per optimiser step"),
+    max_length: int = typer.Option(768, help="Tokens per training row (the reply is clipped to 384 first)"),
+    seed: int = typer.Option(0, help="Seed of the calibration/test split (as `judges validate`), sampling and LoRA"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store; default $MLFLOW_TRACKING_URI or ./mlruns"),
+    data_dir: Optional[Path] = typer.Option(None, help="Shared data directory; default as for `harness run`"),
+) -> None:
+    """Fine-tune a classifier judge (LoRA) on the human-labelled sets' calibration splits; log a `judge_training`
+    run. Use it as `judges: [{name: trained, path: OUT}]`, and measure it with `judges validate --judge trained
+    --judge-path OUT` (test splits; with --exclude-set S, validate on --set S for transfer to unseen data)."""
+    from harness.config import TrainConfig
+    from harness.data import registry as data
+    from harness.judges.training import train_judge
+    from harness.judges.validation import VALIDATION_STUDY
+    from tracking import Tracker
+    from tracking.store import ui_command
+
+    names = data.judge_set_names(sets)
+    unknown = sorted(set(exclude_set or []) - set(names))
+    if unknown:
+        raise HarnessError(f"--exclude-set {', '.join(unknown)}: not among the sets ({', '.join(names)})")
+    judge_sets = [data.load_judge_set(name, data_dir) for name in names]
+    checksums = {}
+    for judge_set in judge_sets:
+        if judge_set.spec.name not in (exclude_set or []):
+            checksums.update(data.checksums(judge_set.spec.dataset, data_dir))
+    settings = TrainConfig(learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, grad_accum=1,
+                           max_length=max_length, warmup_steps=5)
+    tracker = Tracker(VALIDATION_STUDY, tracking_uri)
+    path = train_judge(base, out, judge_sets, train_settings=settings, seed=seed, per_set=per_set,
+                       exclude=tuple(exclude_set or ()), tracker=tracker, checksums=checksums)
+    print(f"judge written to {path}; use it as  judges: [{{name: trained, path: {path}}}]")
     print(f"Open the runs in the MLflow UI with:\n  {ui_command(tracker.tracking_uri)}")

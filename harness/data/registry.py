@@ -555,7 +555,10 @@ def _hub_records(spec: DatasetSpec, root: Path | None, rel: str | None) -> dict[
     try:
         import datasets  # imported late: slow, and only needed without a local copy
 
-        loaded = datasets.load_dataset(spec.hub_id, spec.hub_subset, split=spec.hub_split, revision=spec.hub_revision)
+        # Only what the spec sets: a registry entry loads the whole dataset, as `load_dataset(id)` does.
+        options = {key: value for key, value in (("split", spec.hub_split), ("revision", spec.hub_revision)) if value}
+        subset = (spec.hub_subset,) if spec.hub_subset else ()
+        loaded = datasets.load_dataset(spec.hub_id, *subset, **options)
     except Exception as exc:  # any hub failure (network, auth, gating, no such split) becomes the same one-liner
         reason = " ".join(str(exc).split())[:200]
         hint = f"loading {spec.hub_id} from the HF hub failed ({type(exc).__name__}: {reason}); "

@@ -125,7 +125,8 @@ class WildGuardJudge:
             p_harmful = harmful.probabilities["yes"]
             raw = "; ".join(f"{field}: {answers[field][index].audit()}" for field in WILDGUARD_ANSWER_PREFIXES)
             verdicts.append(Verdict(harmful=WILDGUARD_LABELS[harmful.label], score=p_harmful, raw=raw,
-                                    refused=WILDGUARD_LABELS[refusal.label], p_harmful=p_harmful))
+                                    refused=WILDGUARD_LABELS[refusal.label], p_harmful=p_harmful,
+                                    p_refused=refusal.probabilities["yes"]))
         return verdicts
 
 

@@ -112,9 +112,13 @@ class LabelReader:
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         device = next(self.model.parameters()).device
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+                  "position_ids": positions.to(device)}
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             position_ids=positions.to(device))
+            try:  # only the last position's logits: the full vocabulary at every position costs gigabytes
+                out = self.model(**inputs, logits_to_keep=1)
+            except TypeError:  # a model class without `logits_to_keep`
+                out = self.model(**inputs)
         return out.logits[:, -1, :]
 
     def continue_greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

@@ -75,6 +75,8 @@ class Verdict:
     p_harmful: float | None = None
     """P(harmful) from the judge's label probabilities (harness/judges/labels.py), for ROC AUC and calibration;
     None for a judge that answers in free text."""
+    p_refused: float | None = None
+    """P(refused), for a judge that answers refusal itself from probabilities (the trained judge)."""
 
 
 @runtime_checkable
@@ -498,6 +500,8 @@ class JudgeKind:
     max_new_tokens: int = 32
     """Default answer budget (`eval.judges[].max_new_tokens`): a label needs a few tokens, a rubric that reasons
     first needs hundreds."""
+    needs_path: bool = False
+    """Built from a directory (`eval.judges[].path`), which names its own model."""
     local_only: bool = False
     """Its prompt is raw text in the classifier's own format (not a chat turn), read from label probabilities: it
     runs on a local model, not over a chat-completions server."""
@@ -541,6 +545,12 @@ def _strongreject(settings, complete):
     return StrongRejectJudge(complete, model_name=settings.model, cut=settings.cut)
 
 
+def _trained(settings, _none):
+    from harness.judges.training import TrainedJudge
+
+    return TrainedJudge(settings.path)
+
+
 def _http(settings, complete):
     return HTTPJudge(model=settings.model, base_url=settings.base_url, threshold=settings.threshold,
                      template_path=judge_template("http", settings.model, settings.template),
@@ -565,6 +575,8 @@ JUDGE_KINDS: dict[str, JudgeKind] = {kind.name: kind for kind in (
               "its probabilities", _wildguard, reads_labels=True, local_only=True, default_model="allenai/wildguard"),
     JudgeKind("strongreject", "the StrongREJECT rubric on a chat model: a 0-1 score, harmful at or above `cut`",
               _strongreject, max_new_tokens=512),
+    JudgeKind("trained", "a judge `harness judges train` made on the human-labelled sets (its `path`): harm and "
+              "refusal answers from probabilities", _trained, needs_model=False, needs_path=True),
 )}
 
 

@@ -386,10 +386,21 @@ def validate(
     return Validation(judge, results, pooled, settings)
 
 
+def _answers_refusal(judge: Judge, task: str) -> bool:
+    """On a refusal set, a judge with its own refusal answer (WildGuard, the trained judge) is scored on that answer
+    (compliance = not refused); any other judge on its harm verdict, as the keyword judge always was."""
+    return task == "refusal" and getattr(judge, "answers_refusal", False)
+
+
 def _score_set(judge: Judge, result: SetResult, groups: list[str], n_resamples: int, seed: int) -> None:
     labels = np.array([r.positive for r in result.rows], dtype=bool)
-    predicted = np.array([_positive(v) for v in result.verdicts], dtype=bool)
-    parsed = np.array([v.harmful is not None for v in result.verdicts], dtype=bool)
+    verdicts = result.verdicts
+    if _answers_refusal(judge, result.task):  # scored on the answer the humans gave: did it comply?
+        verdicts = [Verdict(harmful=None if v.refused is None else not v.refused, score=v.score, raw=v.raw,
+                            refused=v.refused, p_harmful=None if v.p_refused is None else 1.0 - v.p_refused)
+                    for v in result.verdicts]
+    predicted = np.array([_positive(v) for v in verdicts], dtype=bool)
+    parsed = np.array([v.harmful is not None for v in verdicts], dtype=bool)
     test, cal = result.part("test"), result.part("calibration")
     if test:
         result.metrics = agreement(labels[test], predicted[test], [groups[i] for i in test], parsed[test],
@@ -398,9 +409,9 @@ def _score_set(judge: Judge, result: SetResult, groups: list[str], n_resamples: 
         result.metrics = {"n": 0}
     result.metrics["n_calibration"] = len(cal)
     result.metrics["rows_per_second"] = len(result.rows) / result.seconds if result.seconds > 0 else math.inf
-    result.calibration = _calibrate(judge, labels, result.verdicts, cal, test, result.rows, groups, n_resamples, seed)
-    if result.verdicts and all(v.p_harmful is not None for v in result.verdicts):
-        p_harmful = np.array([v.p_harmful for v in result.verdicts], dtype=float)
+    result.calibration = _calibrate(judge, labels, verdicts, cal, test, result.rows, groups, n_resamples, seed)
+    if verdicts and all(v.p_harmful is not None for v in verdicts):
+        p_harmful = np.array([v.p_harmful for v in verdicts], dtype=float)
         result.calibration["probabilities"] = probability_report(labels, p_harmful, cal, test, groups, n_resamples,
                                                                  seed)
         result.metrics["auc"] = result.calibration["probabilities"]["auc_test"]
