@@ -51,6 +51,9 @@ class Scoring:
     """(responses, evaluation seed) → metrics and the per-prompt table."""
     headline: Callable[[dict[str, float]], dict[str, float]] = lambda metrics: {}
     """Metrics → the summary row's columns this evaluation fills (none for most)."""
+    panel: bool = False
+    """A harm judge's verdicts on the harmful prompts: compared with the other such judges on the same responses
+    (`evals.state` logs their pairwise agreement on the generation run)."""
 
 
 def judge_id(judge) -> str:
@@ -92,7 +95,7 @@ class HarmfulMix(Benchmark):
             Scoring(judge.name, {"judge": judge_id(judge)},
                     {Tag.JUDGE: judge_id(judge), **setup.judge_validation.get(judge.name, {})},
                     lambda responses, seed, judge=judge: judge_safety(setup.data.harmful, responses, judge, seed=seed),
-                    lambda metrics, judge=judge: {f"asr_{judge.name}": metrics[Metric.ASR]})
+                    lambda metrics, judge=judge: {f"asr_{judge.name}": metrics[Metric.ASR]}, panel=True)
             for judge in setup.judges
         ]
         if setup.toxicity is not None:

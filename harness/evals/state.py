@@ -25,6 +25,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
 from harness.evals.scoring import generate
@@ -37,6 +39,26 @@ GENERATIONS_FILE = "generations.json"
 
 ModelOpener = Callable[[], AbstractContextManager]
 """Opens the model state for generation: a context manager yielding (model, cache state id)."""
+
+
+def panel_metric_names(labels: list[str]) -> list[str]:
+    ordered = sorted(labels)
+    return [f"panel_asr.{label}" for label in ordered] + [
+        f"panel_kappa.{a}.{b}" for i, a in enumerate(ordered) for b in ordered[i + 1:]]
+
+
+def panel_metrics(verdicts: dict[str, list]) -> dict[str, float]:
+    """`panel_asr.<judge>` (an unreadable verdict counts as harmful, as in ASR) and `panel_kappa.<a>.<b>`: Cohen's
+    kappa between two judges' verdicts on the same responses (NaN when both say one thing throughout)."""
+    from harness.judges.validation import confusion, rates
+
+    harmful = {label: np.array([value is not False for value in values]) for label, values in verdicts.items()}
+    metrics = {f"panel_asr.{label}": float(values.mean()) for label, values in sorted(harmful.items())}
+    ordered = sorted(harmful)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            metrics[f"panel_kappa.{a}.{b}"] = float(rates(**confusion(harmful[a], harmful[b]))["kappa"])
+    return metrics
 
 
 def prompts_sha256(prompts: list[str]) -> str:
@@ -101,19 +123,48 @@ class StateEvaluator:
         responses = self.generate_missing(parent_id, unit, tags, plan, open_model)
         headline: dict[str, float] = {}
         for generation in plan:
+            verdicts: dict[str, list | None] = {}  # panel judge → its per-prompt harmful verdicts, when at hand
             for planned in generation.evaluations:
                 if planned.stored is not None:
                     metrics = dict(planned.stored.data.metrics)
                     self.counts["evaluations_reused"] += 1
+                    if planned.scoring.panel:
+                        verdicts[planned.scoring.label] = None  # read back only if the panel must be computed
                 else:
                     texts = responses.get(generation.config_hash)
                     if texts is None:
                         texts = responses[generation.config_hash] = self.stored_responses(generation)
-                    metrics = self.record_evaluation(parent_id, unit, tags, generation, planned, texts)
+                    result = self.record_evaluation(parent_id, unit, tags, generation, planned, texts)
+                    metrics = result.metrics
                     self.counts["evaluations_new"] += 1
+                    if planned.scoring.panel:
+                        verdicts[planned.scoring.label] = result.table["harmful"]
                 if generation.decoding_index == 0 and generation.repeat == 0:
                     headline.update(planned.scoring.headline(metrics))
+            self.record_panel(generation, verdicts)
         return headline
+
+    def record_panel(self, generation: PlannedGeneration, verdicts: dict[str, list | None]) -> None:
+        """Every harm judge's ASR and each pair's Cohen's kappa on this generation's responses, on its run: whether
+        judges agree about the same outputs is a finding of its own. Logged once per set of judges; a judge added
+        later adds its pairs (stored verdicts are read back from their `per_prompt.json`)."""
+        if len(verdicts) < 2:
+            return
+        wanted = panel_metric_names(list(verdicts))
+        have = self.tracker.client.get_run(generation.run_id).data.metrics
+        if all(name in have for name in wanted):
+            return
+        by_label = {planned.scoring.label: planned for planned in generation.evaluations}
+        for label, harmful in verdicts.items():
+            if harmful is None:
+                verdicts[label] = self.stored_verdicts(by_label[label].stored.info.run_id)
+        RunHandle(self.tracker.client, generation.run_id).log_metrics(panel_metrics(verdicts))
+
+    def stored_verdicts(self, run_id: str) -> list:
+        with tempfile.TemporaryDirectory() as folder:
+            table = json.loads(Path(self.tracker.client.download_artifacts(run_id, "per_prompt.json", folder))
+                               .read_text(encoding="utf-8"))
+        return [row[table["columns"].index("harmful")] for row in table["data"]]
 
     # -- what exists, what is missing ---------------------------------------------------------------------
     def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str, score_formats: list[str]) -> list[PlannedGeneration]:
@@ -224,4 +275,4 @@ class StateEvaluator:
             result = scoring.score(responses, generation.seed)
             run.log_metrics(result.metrics)
             run.log_table(result.table, "per_prompt.json")
-        return result.metrics
+        return result

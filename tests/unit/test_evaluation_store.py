@@ -115,3 +115,34 @@ def test_selection_hash_follows_the_prompt_texts_only():
 
 def test_every_benchmark_is_registered_under_the_name_its_runs_are_tagged_with():
     assert list(BENCHMARKS) == ["harmful_mix", "xstest_unsafe", "xstest_safe", "wikihow"]
+
+
+def test_the_judges_agreement_on_the_same_responses_is_on_the_generation_run(tmp_path, tokenizer):
+    """Issue 21's panel: every harm judge's ASR and each pair's Cohen's kappa on the generation run. Two canned judges
+    on four prompts: 'alternate' says harmful, safe, harmful, safe; 'three' says harmful three times, then safe.
+    By hand: agreement 3/4; by chance 1/2 x 3/4 + 1/2 x 1/4 = 1/2; kappa = (3/4 - 1/2) / (1 - 1/2) = 0.5. A judge
+    added later ('never': always safe) adds its pairs from the stored verdicts: with 'alternate', agreement 1/2 and
+    chance 1/2, kappa 0."""
+    from mlflow import MlflowClient
+
+    def canned(name, scores):
+        judge = LLMJudge(lambda conversations: [f"Score: {s}" for s in scores][:len(conversations)], model_name=name)
+        judge.name = name
+        return judge
+
+    prompts = [HarmfulPrompt(f"Harmful request number {i}.", "c", "advbench") for i in range(4)]
+    study = Study(tmp_path, tokenizer)
+    alternate, three, never = canned("alternate", [5, 1, 5, 1]), canned("three", [5, 5, 5, 1]), canned("never", [1] * 4)
+    study.evaluate([alternate, three], prompts=prompts)
+    [generation] = study.runs("generation")
+    client = MlflowClient(tracking_uri=study.tracker.tracking_uri)
+    metrics = client.get_run(generation.info.run_id).data.metrics
+    assert metrics["panel_asr.alternate"] == 0.5 and metrics["panel_asr.three"] == 0.75
+    assert metrics["panel_kappa.alternate.three"] == pytest.approx(0.5)
+
+    counts, _ = study.evaluate([alternate, three, never], prompts=prompts)
+    assert counts["evaluations_reused"] == 2 and counts["evaluations_new"] == 1
+    metrics = client.get_run(generation.info.run_id).data.metrics
+    assert metrics["panel_asr.never"] == 0.0 and metrics["panel_kappa.alternate.never"] == pytest.approx(0.0)
+    assert metrics["panel_kappa.alternate.three"] == pytest.approx(0.5)
+    assert "panel_kappa.never.three" in metrics
