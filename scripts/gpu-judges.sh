@@ -21,17 +21,7 @@ declare -A group=(
 case "${1:-}" in
 setup)
     mkdir -p "$work/shared" /root/site
-    # Install only the wheels whose distribution python3 lacks: never shadow the image's torch or numpy.
-    python3 - /root/stage/out/*.whl <<'PY' > "$work/missing.txt"
-import importlib.metadata as md, re, sys
-for wheel in sys.argv[1:]:
-    name = re.split(r"-\d", wheel.rsplit("/", 1)[-1], maxsplit=1)[0]
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        print(wheel)
-PY
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site $(cat "$work/missing.txt")
+    bash "$(dirname "$0")/gpu-install-wheels.sh"  # only what the image lacks
     tar xzf /root/stage/out/judge-data.tgz -C "$work/shared"
     python3 -c "import torch, transformers, peft, mlflow, trl; print(torch.__version__, transformers.__version__, peft.__version__, mlflow.__version__, trl.__version__, torch.cuda.get_device_name())"
     ;;

@@ -24,17 +24,7 @@ harness() { python3 -m harness.cli.main "$@"; }
 case "${1:-}" in
 setup)
     mkdir -p "$work" /root/site
-    # Install only the wheels whose distribution python3 lacks: never shadow the image's torch or numpy.
-    python3 - /root/stage/out/*.whl <<'PY' > "$work/missing.txt"
-import importlib.metadata as md, re, sys
-for wheel in sys.argv[1:]:
-    name = re.split(r"-\d", wheel.rsplit("/", 1)[-1], maxsplit=1)[0]
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        print(wheel)
-PY
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site $(cat "$work/missing.txt")
+    bash "$(dirname "$0")/gpu-install-wheels.sh"  # only what the image lacks
     mkdir -p "$work/shared" && tar xzf /root/stage/out/shared-data.tgz -C "$work/shared"
     if [ -n "${STORE:-}" ]; then  # continue a study packed by `pack` on an earlier machine
         tar xzf "$STORE" -C "$work" && mv "$work/mlflow-copy.db" "$work/mlflow.db"
