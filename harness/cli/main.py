@@ -199,8 +199,17 @@ def _check_steps(cfg):
             from harness.judges.registry import BASE_URL_ENV, JUDGE_KINDS, judge_template, load_template
 
             kind = JUDGE_KINDS[judge.name]
+            if kind.needs_path:
+                from harness.judges.training import JUDGE_FILE
+
+                if not (Path(judge.path) / JUDGE_FILE).is_file():
+                    raise HarnessError(f"judge '{judge.name}': {judge.path} is not a judge directory (no {JUDGE_FILE}; "
+                                       "make one with `harness judges train`)")
+                return [f"judge directory {judge.path}"]
             if not kind.needs_model:
                 return [f"{kind.summary} (no model, no template)"]
+            if kind.local_only:  # its published prompt ships with the harness (harness/judges/formats.py)
+                return [f"published prompt format; model {check_model(judge.model)}"]
             template = judge_template(judge.name, judge.model, judge.template)  # the one a run uses
             load_template(template)
             lines = [f"template {template} has {{instruction}} and {{response}}"]
