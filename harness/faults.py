@@ -3,7 +3,8 @@
 `HARNESS_KILL_AT=POINT:N` sends SIGKILL (no clean-up, like a pre-empted job or the OOM killer) to this
 process the N-th time execution passes POINT; `HARNESS_INTERRUPT_AT=POINT:N` sends SIGINT (Ctrl-C) instead.
 Points: `train_step` (a training step was logged), `checkpoint` (a checkpoint run finished),
-`generation_batch` (a batch of generations was cached), `judge_batch` (a batch of judge answers was cached).
+`generation_batch` (a batch of generations was cached), `judge_batch` (a batch of judge answers was cached,
+or read from label probabilities).
 Unset, `reached` costs one dictionary lookup.
 """
 

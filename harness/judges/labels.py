@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from harness import faults
 from harness.errors import HarnessError
 
 
@@ -98,6 +99,7 @@ class LabelReader:
                 mass = sum(raw.values())
                 normalised = {label: (p / mass if mass > 0 else 1.0 / len(raw)) for label, p in raw.items()}
                 results[index] = LabelProbabilities(normalised, mass)
+            faults.reached("judge_batch")  # a test's SIGKILL here falls between two judged batches
         return results  # type: ignore[return-value]
 
     def _last_logits(self, batch: list[list[int]]):
