@@ -161,10 +161,18 @@ class StateEvaluator:
         RunHandle(self.tracker.client, generation.run_id).log_metrics(panel_metrics(verdicts))
 
     def stored_verdicts(self, run_id: str) -> list:
+        return [row["harmful"] for row in self.stored_table(run_id, "per_prompt.json", "evaluation")]
+
+    def stored_table(self, run_id: str, name: str, kind: str) -> list[dict]:
+        """The rows of a finished run's table artifact, or a one-line error saying how to make it again."""
         with tempfile.TemporaryDirectory() as folder:
-            table = json.loads(Path(self.tracker.client.download_artifacts(run_id, "per_prompt.json", folder))
-                               .read_text(encoding="utf-8"))
-        return [row[table["columns"].index("harmful")] for row in table["data"]]
+            try:
+                path = self.tracker.client.download_artifacts(run_id, name, folder)
+                table = json.loads(Path(path).read_text(encoding="utf-8"))
+            except Exception as error:
+                raise HarnessError(f"{kind} run {run_id} has no readable {name} ({error}); delete that run in MLflow "
+                                   "and rerun to make it again") from None
+        return [dict(zip(table["columns"], row)) for row in table["data"]]
 
     # -- what exists, what is missing ---------------------------------------------------------------------
     def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str, score_formats: list[str]) -> list[PlannedGeneration]:
@@ -246,15 +254,7 @@ class StateEvaluator:
     def stored_responses(self, generation: PlannedGeneration) -> list[str]:
         """The responses of a FINISHED generation record, read back from its artifact."""
         run_id = generation.run_id
-        with tempfile.TemporaryDirectory() as folder:
-            try:
-                path = self.tracker.client.download_artifacts(run_id, GENERATIONS_FILE, folder)
-                table = json.loads(Path(path).read_text(encoding="utf-8"))
-            except Exception as error:
-                raise HarnessError(f"generation run {run_id} has no readable {GENERATIONS_FILE} ({error}); delete "
-                                   "that run in MLflow and rerun to generate it again") from None
-        columns = table["columns"]
-        rows = [dict(zip(columns, row)) for row in table["data"]]
+        rows = self.stored_table(run_id, GENERATIONS_FILE, "generation")
         if [row["prompt"] for row in rows] != generation.prompts:
             raise HarnessError(f"generation run {run_id}'s prompts differ from the ones its identity names")
         self.counts["generations_reused"] += 1

@@ -19,7 +19,7 @@ from harness.judges.formats import (HARMBENCH_LABELS, HARMBENCH_TEMPLATES, LLAMA
                                     TEMPLATES_DIR, WILDGUARD_ANSWER_PREFIXES, WILDGUARD_LABELS, parse_llamaguard,
                                     parse_strongreject, render_harmbench, render_llamaguard, render_strongreject,
                                     render_wildguard, strongreject_score)
-from harness.judges.labels import LabelReader
+from harness.judges.labels import LabelReader, clip_tokens
 from harness.judges.registry import Complete, Verdict, is_refusal
 
 HARMBENCH_MODEL = "cais/HarmBench-Llama-2-13b-cls"
@@ -49,11 +49,7 @@ class HarmBenchJudge:
         self.version = f"tpl-{_templates_sha(*HARMBENCH_TEMPLATES[self.classifier])}+{model_name}+probs"
 
     def clip(self, generation: str) -> str:
-        tokenizer = self.reader.tokenizer
-        ids = tokenizer.encode(generation, add_special_tokens=False)
-        if len(ids) <= HARMBENCH_MAX_GENERATION_TOKENS:
-            return generation
-        return tokenizer.decode(ids[:HARMBENCH_MAX_GENERATION_TOKENS], skip_special_tokens=True)
+        return clip_tokens(self.reader.tokenizer, generation, HARMBENCH_MAX_GENERATION_TOKENS)
 
     def judge(self, items: list[tuple[str, str]]) -> list[Verdict]:
         prompts = [render_harmbench(instruction, self.clip(response), classifier=self.classifier)

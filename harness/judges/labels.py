@@ -16,11 +16,12 @@ means the model was about to say something else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness import faults
 from harness.errors import HarnessError
+from harness.training.loss_classes import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -102,20 +103,24 @@ class LabelReader:
             faults.reached("judge_batch")  # a test's SIGKILL here falls between two judged batches
         return results  # type: ignore[return-value]
 
+    def _left_padded(self, batch: list[list[int]]):
+        """(input_ids, attention_mask) of token lists padded on the left, on the model's device."""
+        import torch
+
+        pad = pad_token_id(self.tokenizer)
+        width = max(len(ids) for ids in batch)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        return input_ids, attention
+
     def _last_logits(self, batch: list[list[int]]):
         """Logits at each prompt's last position; left padding with position ids counted from each prompt's start."""
         import torch
 
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id or 0
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        device = next(self.model.parameters()).device
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
-                  "position_ids": positions.to(device)}
+        input_ids, attention = self._left_padded(batch)
+        inputs = {"input_ids": input_ids, "attention_mask": attention,
+                  "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}
         with torch.inference_mode():
             try:  # only the last position's logits: the full vocabulary at every position costs gigabytes
                 out = self.model(**inputs, logits_to_keep=1)
@@ -128,23 +133,20 @@ class LabelReader:
         import torch
 
         texts = []
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
         for start in range(0, len(prompts), self.batch_size):
-            encoded = [self.encode(prompt) for prompt in prompts[start:start + self.batch_size]]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+            input_ids, attention = self._left_padded([self.encode(p) for p in prompts[start:start + self.batch_size]])
             with torch.inference_mode():
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                          max_new_tokens=max_new_tokens, pad_token_id=pad)
-            texts += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                                          max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(self.tokenizer))
+            texts += self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
         return texts
 
 
-def harmful_probability(probabilities: LabelProbabilities, harmful: Mapping[str, bool]) -> float:
-    """P(harmful): the summed probability of the labels that mean harmful."""
-    return sum(p for label, p in probabilities.probabilities.items() if harmful[label])
+def clip_tokens(tokenizer, text: str, limit: int) -> str:
+    """`text` cut to its first `limit` tokens (a judge reads a bounded reply: HarmBench's 512, the trained judge's
+    384); unchanged when it is shorter."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
 
 
 def expected_score(probabilities: LabelProbabilities) -> float:

@@ -521,22 +521,15 @@ def _fulfilment(settings, complete):
                            model_name=settings.model)
 
 
-def _harmbench(settings, reader):
-    from harness.judges.classifiers import HarmBenchJudge
+def _classifier(class_name: str):
+    """The builder of a classifier judge in `classifiers.py` (imported when first built: it needs the reader)."""
 
-    return HarmBenchJudge(reader, model_name=settings.model)
+    def build(settings, reader):
+        from harness.judges import classifiers
 
+        return getattr(classifiers, class_name)(reader, model_name=settings.model)
 
-def _llamaguard(settings, reader):
-    from harness.judges.classifiers import LlamaGuardJudge
-
-    return LlamaGuardJudge(reader, model_name=settings.model)
-
-
-def _wildguard(settings, reader):
-    from harness.judges.classifiers import WildGuardJudge
-
-    return WildGuardJudge(reader, model_name=settings.model)
+    return build
 
 
 def _strongreject(settings, complete):
@@ -567,12 +560,14 @@ JUDGE_KINDS: dict[str, JudgeKind] = {kind.name: kind for kind in (
     JudgeKind("http", "the `llm` rubric answered by an OpenAI-compatible server (vLLM, a hosted API)", _http,
               served=True),
     JudgeKind("harmbench", "HarmBench's classifier (Llama-2-13b-cls; or the Mistral-7b val-cls): Yes = harmful, read "
-              "from its probabilities", _harmbench, reads_labels=True, local_only=True,
+              "from its probabilities", _classifier("HarmBenchJudge"), reads_labels=True, local_only=True,
               default_model="cais/HarmBench-Llama-2-13b-cls"),
     JudgeKind("llamaguard", "Llama Guard 3 on the exchange: unsafe = harmful (probabilities), with the violated "
-              "categories", _llamaguard, reads_labels=True, local_only=True, default_model="meta-llama/Llama-Guard-3-8B"),
+              "categories", _classifier("LlamaGuardJudge"), reads_labels=True, local_only=True,
+              default_model="meta-llama/Llama-Guard-3-8B"),
     JudgeKind("wildguard", "WildGuard's harmful-response answer (ASR) and its refusal answer (over-refusal), read from "
-              "its probabilities", _wildguard, reads_labels=True, local_only=True, default_model="allenai/wildguard"),
+              "its probabilities", _classifier("WildGuardJudge"), reads_labels=True, local_only=True,
+              default_model="allenai/wildguard"),
     JudgeKind("strongreject", "the StrongREJECT rubric on a chat model: a 0-1 score, harmful at or above `cut`",
               _strongreject, max_new_tokens=512),
     JudgeKind("trained", "a judge `harness judges train` made on the human-labelled sets (its `path`): harm and "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.judges.labels import clip_tokens
 from harness.judges.registry import Verdict, fill_template
 from tracking.schema import Kind
 
@@ -75,11 +76,6 @@ def training_examples(judge_sets, *, seed: int = 0, per_set: int = 1000, exclude
     return examples
 
 
-def clip(tokenizer, text: str, limit: int = MAX_RESPONSE_TOKENS) -> str:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
-
-
 def question_prompt(template: str, task: str, instruction: str, response: str) -> str:
     """The user turn asking one of the two questions about (instruction, response)."""
     # The question first: a reply that happens to contain "{question}" must stay as it is.
@@ -107,7 +103,7 @@ def train_judge(base: str, out: Path, judge_sets, *, train_settings, seed: int, 
     template = (TEMPLATES_DIR / TEMPLATE_NAME).read_text(encoding="utf-8")
     examples = training_examples(judge_sets, seed=seed, per_set=per_set, exclude=exclude)
     model, tokenizer = load_model(base)
-    rows = [FinetuneRow(question_prompt(template, e.task, e.prompt, clip(tokenizer, e.response)), "", e.answer,
+    rows = [FinetuneRow(question_prompt(template, e.task, e.prompt, clip_tokens(tokenizer, e.response, MAX_RESPONSE_TOKENS)), "", e.answer,
                         {"set": e.set_name}) for e in examples]
     counts = {}
     for e in examples:
@@ -168,7 +164,7 @@ class TrainedJudge:
         tokenizer = self.reader.tokenizer
         limit = self.settings.get("max_response_tokens", MAX_RESPONSE_TOKENS)
         return [tokenizer.apply_chat_template(
-            [{"role": "user", "content": question_prompt(self.template, task, i, clip(tokenizer, r, limit))}],
+            [{"role": "user", "content": question_prompt(self.template, task, i, clip_tokens(tokenizer, r, limit))}],
             tokenize=False, add_generation_prompt=True) for i, r in items]
 
     def judge(self, items: list[tuple[str, str]]) -> list[Verdict]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.judges.labels import LabelProbabilities, LabelReader, expected_score, harmful_probability
+from harness.judges.labels import LabelProbabilities, LabelReader, expected_score
 from harness.models import load_model
 
 
@@ -67,9 +67,8 @@ def test_labels_sharing_a_first_token_are_refused_in_one_line(smollm):
     assert "\n" not in str(error.value) and "judge 'mine'" in str(error.value) and "'unsafe' and 'unsure'" in str(error.value)
 
 
-def test_harmful_probability_and_the_most_probable_label():
+def test_the_most_probable_label_and_its_audit_line():
     probabilities = LabelProbabilities({"unsafe": 0.7, "safe": 0.3}, mass=0.9)
-    assert harmful_probability(probabilities, {"unsafe": True, "safe": False}) == 0.7
     assert probabilities.label == "unsafe" and probabilities.audit() == "unsafe=0.700 safe=0.300 (mass 0.900)"
 
 
