@@ -142,7 +142,11 @@ def test_an_http_judge_named_in_the_yaml_judges_the_stored_responses_on_its_serv
     finally:
         server.close()
     assert counts["generations_made"] == 0 and counts["evaluations_made"] == 2 * N_STATES
-    assert len(server.requests) == (3 + 1) * N_STATES
+    # one response each, plus the one-token request that asks whether the server sends log-probabilities (it does
+    # not, so the judge reads text and its version says so)
+    assert len(server.requests) == (3 + 1) * N_STATES + 1
+    assert server.requests[0]["body"].get("logprobs") is True
+    assert not any(request["body"].get("logprobs") for request in server.requests[1:])
     assert {request["body"]["model"] for request in server.requests} == {"served-judge"}
     after = runs_by_kind(study_copy)
     new = [after["evaluation"][i] for i in after["evaluation"].keys() - before["evaluation"].keys()]
