@@ -523,6 +523,11 @@ class EvalConfig(Strict):
     """Prompts generated together (sorted by length, left-padded)."""
     judges: list[JudgeConfig] = [JudgeConfig(name="keyword")]
     """Safety judges; each harmful evaluation is scored by every judge."""
+    headline: str | None = Field(None, exclude_if=lambda name: name is None)
+    """The judge (its `name` in `judges`) whose ASR the summary's ASR column and the figures lead with; null: the
+    configured judge with the best pooled harm kappa in the store's `harness judges validate` runs, else the first
+    (harness/judges/validation.py, `headline_judge`). It chooses what is shown, not what is computed, so it is in
+    no unit's identity, and left out of the resolved config while null (existing config hashes stay the same)."""
     sbert_model: str = "all-MiniLM-L6-v2"
     """Sentence-BERT model for semantic similarity (the packaged copy is used offline)."""
     evaluate_base: bool = True
@@ -537,6 +542,12 @@ class EvalConfig(Strict):
     """Base seed for sampled decoding; repeat r uses seed + r."""
     toxicity: ToxicityConfig | None = None
     """Toxicity of responses to the chosen harmful categories (`toxicity_mean`, `toxicity_max`); null = off."""
+    engine: Literal["hf", "vllm", "auto"] = Field("auto", exclude_if=lambda engine: engine == "auto")
+    """What generates the evaluated model's responses: 'hf' (transformers `generate`, the fast path on CUDA),
+    'vllm' (needs CUDA and `pip install -e '.[vllm]'`; each checkpoint's adapter is merged into the weights of one
+    running engine), or 'auto' (vllm when CUDA and the vllm extra are present, else hf). The engine a generation was
+    made with is part of its identity and its `harness.engine` tag, so two engines' responses are never mixed in one
+    evaluation (harness/generation/engines.py). Left out of the resolved config while 'auto'."""
 
     @field_validator("decoding")
     @classmethod
@@ -547,6 +558,14 @@ class EvalConfig(Strict):
     @classmethod
     def _some_judge(cls, judges: list[JudgeConfig]) -> list[JudgeConfig]:
         return _some(judges, "judge (e.g. {name: keyword})")
+
+    @field_validator("headline")
+    @classmethod
+    def _headline_is_a_judge(cls, headline: str | None, info) -> str | None:
+        names = [judge.name for judge in info.data.get("judges", [])]  # absent when `judges` itself was invalid
+        if headline is not None and names and headline not in names:
+            raise ValueError(f"{headline!r} is not one of eval.judges ({', '.join(names)})")
+        return headline
 
 
 class TrackingConfig(Strict):

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,8 +27,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from harness.errors import HarnessError
-from tracking.provenance import provenance
-from tracking.schema import PARENT_KINDS, PREFIX, ExperimentTag, Kind, Tag
+from tracking.datasets import EVALUATION, DatasetRecord, dataset_inputs
+from tracking.provenance import mlflow_source_tags, provenance
+from tracking.schema import EXPERIMENT_KIND, PARENT_KINDS, PREFIX, ExperimentTag, Kind, Tag
 from tracking.store import default_artifact_location, resolve_tracking_uri, store_exists
 
 KINDS = tuple(Kind)
@@ -114,6 +115,11 @@ class RunHandle:
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
+    def log_datasets(self, records: Sequence[DatasetRecord], context: str) -> None:
+        """MLflow dataset inputs (tracking/datasets.py); logging one again (a reattached run) adds nothing."""
+        if records:
+            self.client.log_inputs(self.run_id, datasets=dataset_inputs(records, context))
+
 
 class Tracker:
     """One study's MLflow experiment and the runs inside it."""
@@ -125,13 +131,21 @@ class Tracker:
         self.run_tags: dict[str, str] = {}
         """Full-name tags set on every run this tracker opens, under the run's own (the runner puts the
         resolved `runtime:` settings here, so every run says how it computed)."""
+        self.evaluation_inputs: dict[str, list[DatasetRecord]] = {}
+        """Benchmark name -> the datasets its prompts come from: every `generation` and `evaluation` run of that
+        benchmark logs them as MLflow dataset inputs (context `evaluation`). The runner fills it."""
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
             self.experiment_id = self.client.create_experiment(
-                study, artifact_location=default_artifact_location(self.tracking_uri, study)
+                study, artifact_location=default_artifact_location(self.tracking_uri, study),
+                tags={str(ExperimentTag.EXPERIMENT_KIND): EXPERIMENT_KIND},
             )
+            self._kind_missing = False
         else:
             self.experiment_id = experiment.experiment_id
+            # A study made before the kind was set gets it with its next run (opening it to read writes nothing);
+            # one a user re-kinded in the UI keeps theirs.
+            self._kind_missing = ExperimentTag.EXPERIMENT_KIND not in experiment.tags
 
     @contextmanager
     def run(
@@ -154,6 +168,9 @@ class Tracker:
         """
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r}")
+        if self._kind_missing:
+            self.set_experiment_tag(ExperimentTag.EXPERIMENT_KIND, EXPERIMENT_KIND)
+            self._kind_missing = False
         all_tags = {Tag.KIND.key: kind, Tag.STUDY.key: self.study, **self.run_tags}
         all_tags.update({f"{TAG_PREFIX}{key}": value for key, value in tags.items() if value is not None})
         if config_hash:
@@ -161,6 +178,7 @@ class Tracker:
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         info = provenance()
+        all_tags.update(mlflow_source_tags(info))  # MLflow's Source, Version and User: the same commit as ours
         all_tags[Tag.GIT_COMMIT.key] = info["git"]["commit"]
         all_tags[Tag.VERSION.key] = info["packages"].get("harness", "unknown")
         all_tags[Tag.OWNER.key] = _owner()
@@ -175,6 +193,8 @@ class Tracker:
                 handle.log_params(flatten(config))
                 handle.log_dict(config, "config.json")
             handle.log_dict(info, "provenance.json")
+            if kind in (Kind.GENERATION, Kind.EVALUATION):
+                handle.log_datasets(self.evaluation_inputs.get(all_tags.get(Tag.BENCHMARK.key), []), EVALUATION)
             yield handle
         except KeyboardInterrupt:
             handle.set_tags({Tag.ERROR.key: "interrupted"})

@@ -20,7 +20,9 @@ PREFIX = "harness."
 SCHEMA_VERSION = 2
 """Bumped whenever a unit's identity (its config hash) or the run tree changes meaning. A study records the
 version it was made with (`ExperimentTag.SCHEMA_VERSION`); a store of another version is refused, never
-mixed: 1 = before stored generations (issue 20), 2 = generation records + judgements keyed by their inputs."""
+mixed: 1 = before stored generations (issue 20), 2 = generation records + judgements keyed by their inputs (an
+engine other than HF `generate`, `eval.engine` of issue 22, joins a generation's identity without a new version:
+HF records keep theirs)."""
 
 
 class Kind(StrEnum):
@@ -93,6 +95,9 @@ class Tag(StrEnum):
     SELECTION = "selection"
     GENERATION_RUN = "generation_run"
     GENERATION_HASH = "generation_hash"
+    ENGINE = "engine"
+    """`hf` or `vllm`: what generated a generation run's responses (and so an evaluation's); `vllm` is also part
+    of their identity, so the two engines' responses are never mixed."""
     FAST_GENERATION = "fast_generation"
     """`on` (generation takes harness/generation/fast.py's path for the models it supports), or `off: <why>`."""
     # how a run computed (harness/runtime.py): every run
@@ -136,7 +141,8 @@ class Tag(StrEnum):
     FINETUNE_RUNS = "finetune_runs"
     # reports (kind report)
     REPORT = "report"
-    """Which report a `report` run holds, e.g. `consistency`."""
+    """Which report a `report` run holds: `consistency` (`harness report consistency`) or `figures` (`harness
+    figures`: the PNGs, CSVs, report.md and report.html it wrote, as the run's artifacts)."""
 
     @property
     def key(self) -> str:
@@ -147,11 +153,23 @@ class Tag(StrEnum):
 class ExperimentTag(StrEnum):
     """Tags on a study's MLflow experiment (not on its runs)."""
 
+    EXPERIMENT_KIND = "mlflow.experimentKind"
+    """MLflow's own record of what the experiment is; `Tracker` sets it to `EXPERIMENT_KIND` when it is absent."""
     SCHEMA_VERSION = "harness.schema_version"
     DATASET_CHECKSUMS = "harness.dataset_checksums"
     """JSON {file: sha256} of the data the study began with; a changed file is refused."""
     CURRENT_SELECTION = "harness.current_selection"
     """JSON {benchmark: selection hash} of the latest `harness run`: the figures draw these units only."""
+    HEADLINE_JUDGE = "harness.headline_judge"
+    """The judge (its name, e.g. `keyword`) whose ASR the latest `harness run` led with; the figures lead with it."""
+    HEADLINE_JUDGE_REASON = "harness.headline_judge_reason"
+    """Why that judge: `eval.headline`, its pooled harm kappa and validation run, or first judge with none validated."""
+
+
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's "Machine learning" experiment kind (its UI's `ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`), read by the
+MLflow UIs that choose an experiment's view by its kind: they open a study on its training runs. MLflow 3.17's UI
+takes the view from its sidebar's GenAI / Model training switch instead (`tracking.store.ui_command` says so)."""
 
 
 # Built-in benchmarks (each is also a registry entry in the evaluation stage).

@@ -38,5 +38,8 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    """The command that opens the MLflow UI on this store, and how to see the training runs there: MLflow 3.17's
+    UI takes its view from the sidebar's GenAI / Model training switch (default GenAI), not from the study's
+    `mlflow.experimentKind` tag (read by MLflow UIs without that switch)."""
+    return (f"mlflow ui --backend-store-uri {tracking_uri}\n"
+            '  (then pick "Model training" at the top of its sidebar: the runs, not GenAI traces; the browser remembers)')

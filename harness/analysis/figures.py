@@ -42,7 +42,8 @@ from harness.errors import HarnessError
 from harness.evals.metrics import bootstrap_ci
 from tracking import Tracker, resolve_tracking_uri
 from tracking.store import store_exists
-from tracking.schema import ExperimentTag, Kind, Metric, Tag, loads_tag, of_current_selection
+from tracking.schema import (HARMFUL_MIX, ExperimentTag, Kind, Metric, Tag, judge_name, loads_tag,
+                             of_current_selection)
 from tracking.schema import tag_filter  # noqa: F401  (re-exported: `figures.tag_filter` predates the schema)
 
 FORMAT_ORDER = ("prose", "list", "json", "native")
@@ -115,6 +116,21 @@ class StudyRuns:
     def current_selection(self) -> dict[str, str]:
         """Benchmark → the prompt selection of the study's latest `harness run`; older ones are not drawn."""
         return loads_tag(self.tracker.experiment_tag(ExperimentTag.CURRENT_SELECTION))
+
+    @cached_property
+    def headline(self) -> tuple[str, str] | None:
+        """(judge name, reason): whose ASR the figures lead with. The study's latest `harness run` recorded it
+        (`ExperimentTag.HEADLINE_JUDGE`); a study made before that is resolved now, as the runner would, from the
+        judges its harmful-mix evaluations name (alphabetical: the config's order is not in the store)."""
+        recorded = self.tracker.experiment_tag(ExperimentTag.HEADLINE_JUDGE)
+        if recorded:
+            return recorded, self.tracker.experiment_tag(ExperimentTag.HEADLINE_JUDGE_REASON) or recorded
+        from harness.judges.validation import headline_judge
+
+        runs = self.query(tag_filter(kind=Kind.EVALUATION, benchmark=HARMFUL_MIX)).runs
+        judges = sorted({tag(run, Tag.JUDGE) for run in runs} - {""})
+        judges = [tuple(judge.split(":", 1)) for judge in judges if ":" in judge and not judge.startswith("toxicity-")]
+        return headline_judge(self.tracker, judges) if judges else None
 
     @cached_property
     def sweep_only(self) -> set[str]:
@@ -319,6 +335,16 @@ def short_judge(judge: str, width: int = 38) -> str:
     return "\n".join(textwrap.wrap(judge, width)) or "(no judge)"
 
 
+def headline_first(judges, headline: str | None) -> list[str]:
+    """Judge tags in order, the headline judge's (`StudyRuns.headline`) first: its panel is the one to read."""
+    return sorted(judges, key=lambda judge: judge_name(judge) != headline)
+
+
+def judge_title(judge: str, headline: str | None) -> str:
+    """A panel's judge line(s); the headline judge's panel says so."""
+    return ("headline judge\n" if judge_name(judge) == headline else "") + short_judge(judge)
+
+
 # -- the figures and tables --------------------------------------------------------------------------------
 
 
@@ -353,6 +379,8 @@ class Report:
     status_counts: Counter
     files: list[str]
     title: str = "Study B figures"
+    headline: tuple[str, str] | None = None
+    """(judge, reason) from `StudyRuns.headline`."""
 
     @property
     def messages(self) -> list[str]:
@@ -362,7 +390,8 @@ class Report:
 def build_report(study: str, out: Path, *, tracking_uri: str | None = None, epoch: int | None = None) -> Report:
     """Every Study B figure and table the study's runs support, plus report.md and report.html, into `out`."""
     runs = StudyRuns(study, tracking_uri)
-    everything = runs.tracker.search("")
+    # Earlier `report` runs are this command's own output, not the study's: they are not counted.
+    everything = [run for run in runs.tracker.search("") if run.data.tags.get(Tag.KIND.key) != Kind.REPORT]
     statuses = Counter(run.info.status for run in everything)
     if not statuses.get("FINISHED"):
         raise HarnessError(
@@ -382,7 +411,8 @@ def build_report(study: str, out: Path, *, tracking_uri: str | None = None, epoc
     written = sorted(name for section in sections for name in (section.png, section.csv) if name)
     for stale in set(OUTPUTS) - set(written):  # drawn by an earlier call, not supported by the store now
         Path(out, stale).unlink(missing_ok=True)
-    report = Report(study, runs.tracking_uri, sections, statuses, [*written, "report.html", "report.md"], title)
+    report = Report(study, runs.tracking_uri, sections, statuses, [*written, "report.html", "report.md"], title,
+                    runs.headline)
     Path(out, "report.md").write_text(render_markdown(report))
     Path(out, "report.html").write_text(render_html(report))
     return report
@@ -400,7 +430,8 @@ def summary_lines(report: Report) -> list[str]:
         + (f" ({detail})" if detail else "") + ".",
         f"Soft-prompt evaluations ({Tag.SOFT_PROMPT.key}=True) are shown separately as `promot+prompt`, never mixed "
         "into `promot`.",
-    ]
+    ] + ([f"Headline judge: {report.headline[1]}; where ASR is drawn per judge, its panel comes first."]
+         if report.headline else [])
 
 
 def render_markdown(report: Report) -> str:
@@ -462,6 +493,32 @@ def render_html(report: Report) -> str:
         parts += [f"<p class='missing'>Not drawn / incomplete: {inline_code(message)}</p>"
                   for message in section.messages]
     return "\n".join(parts) + "</body></html>\n"
+
+
+def log_report(report: Report, out: Path, epoch: int | None = None) -> str:
+    """The files `build_report` wrote, as the artifacts of a new `report` run (`harness.report=figures`) in the
+    study's experiment, so the MLflow UI shows what `harness figures` drew; returns the run id.
+
+    One run per call, never replaced: a report is what the store held when it was drawn, and an earlier one may
+    be the one a result was read from; the newest is the current one (the UI sorts by start time)."""
+    tracker = Tracker(report.study, report.tracking_uri)
+    config = {"study": report.study, "out": str(Path(out).resolve()), "epoch": epoch, "files": report.files}
+    started = None
+    try:
+        with tracker.run(Kind.REPORT, "figures", {Tag.REPORT: "figures", Tag.OUTPUT_DIR: Path(out).resolve()},
+                         config=config) as run:
+            started = run.run_id
+            for name in report.files:
+                run.client.log_artifact(run.run_id, str(Path(out, name)))
+            run.log_metrics({"figures": sum(name.endswith(".png") for name in report.files),
+                             "missing": len(report.messages)})
+    except Exception as error:  # e.g. a copied store whose artifacts live behind an MLflow server that is not up
+        if started is not None:  # a half-logged report would look like a report; the files on disk are whole
+            tracker.client.delete_run(started)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HarnessError(f"the figures are in {out}, but logging them as a report run failed: {first} "
+                           "(--no-log-report writes the files only)") from error
+    return run.run_id
 
 
 def print_messages(report: Report) -> None:

@@ -118,11 +118,15 @@ class StudyAReport:
         return query, kept, messages
 
     def safety_metric(self) -> tuple[str, str]:
-        """fulfilment_rate from the fulfilment judge (Study A), else ASR from whichever judge logged it."""
+        """fulfilment_rate from the fulfilment judge (Study A's measure), else ASR from the headline judge
+        (`StudyRuns.headline`), else from whichever judge logged it."""
         query = self.runs.query(tag_filter(kind=Kind.EVALUATION, benchmark=HARMFUL_MIX))
         judges = {tag(run, Tag.JUDGE) for run in query.runs}
         if any(judge.startswith("fulfilment") for judge in judges):
             return Metric.FULFILMENT_RATE, "fulfilment"
+        headline = self.runs.headline
+        if headline and any(judge_name(judge) == headline[0] for judge in judges):
+            return Metric.ASR, headline[0]
         return Metric.ASR, judge_name(next(iter(sorted(judges)), "keyword"))
 
     def last_epoch(self, points: list[Point]) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from harness.analysis.figures import (
     FORMAT_COLORS, FORMAT_ORDER, INTERVAL, METHOD_COLORS, METHOD_LINES, METHOD_ORDER, Evaluation, Query, Section,
-    StudyRuns, color, describe_judges, describe_methods, describe_n, finish, legend_key, ordered, panel_grid,
-    require_metrics, select_epoch, short_judge, sort_rows, spread, tag, write_csv,
+    StudyRuns, color, describe_judges, describe_methods, describe_n, finish, headline_first, judge_title, legend_key,
+    ordered, panel_grid, require_metrics, select_epoch, short_judge, sort_rows, spread, tag, write_csv,
 )
 from tracking import schema
 from tracking.schema import Kind, Metric, Tag, tag_filter
@@ -71,6 +71,7 @@ class StudyBReport:
         self.runs, self.out, self.epoch = runs, out, epoch
         self.study = runs.study
         self.which = "each fine-tune's last epoch" if epoch is None else f"epoch {epoch}"
+        self.headline = runs.headline[0] if runs.headline else None  # its ASR panel comes first
         out.mkdir(parents=True, exist_ok=True)
 
     def evaluations(self, benchmark: str, metrics: list[str], what: str) -> tuple[Query, list[Evaluation], list[str]]:
@@ -91,7 +92,7 @@ class StudyBReport:
         by_epoch.messages = [message.replace(final.title, by_epoch.title) for message in messages]
         if not evaluations:
             return [final, by_epoch]
-        judges = sorted({ev.judge for ev in evaluations})
+        judges = headline_first(sorted({ev.judge for ev in evaluations}), self.headline)
         formats = ordered({ev.format for ev in evaluations if ev.method != "base"}, FORMAT_ORDER)
         methods = ordered({ev.method for ev in evaluations if ev.method != "base"}, METHOD_ORDER)
 
@@ -102,7 +103,7 @@ class StudyBReport:
                 here = [ev for ev in chosen if ev.judge == judge]
                 base = [ev for ev in here if ev.method == "base"]
                 dot_whisker(ax, [ev for ev in here if ev.method != "base"], base, *metrics, formats, methods)
-                ax.set_title(f"{short_judge(judge)}\n{base_label(base, *metrics)}", fontsize=9)
+                ax.set_title(f"{judge_title(judge, self.headline)}\n{base_label(base, *metrics)}", fontsize=9)
                 ax.set_xlabel("fine-tuning data format")
             axes[0].set_ylabel(f"ASR on {HARMFUL_BENCHMARK} (lower is safer)")
             fig.suptitle(f"{self.study}: ASR by format and method ({self.which})", fontsize=11)
@@ -111,14 +112,14 @@ class StudyBReport:
             self.save(final, plt, fig, "fig3_asr", rows)
             final.caption = self.caption(
                 f"Attack success rate on the harmful mix ({HARMFUL_BENCHMARK}) at {self.which}, one panel per "
-                f"judge; dots are evaluations, whiskers their intervals, the dashed line the base model (shaded: its "
-                f"interval).",
+                f"judge, the headline judge's first; dots are evaluations, whiskers their intervals, the dashed line "
+                f"the base model (shaded: its interval).",
                 chosen, query)
 
         plt, fig, axes = panel_grid(len(judges))
         for ax, judge in zip(axes, judges):
             self.epoch_panel(ax, [ev for ev in evaluations if ev.judge == judge], formats, methods)
-            ax.set_title(short_judge(judge), fontsize=9)
+            ax.set_title(judge_title(judge, self.headline), fontsize=9)
             ax.set_xticks(sorted({ev.epoch for ev in evaluations}))
             ax.set_xlabel("epoch (0 = base model)")
         axes[0].set_ylabel(f"ASR on {HARMFUL_BENCHMARK}")
@@ -175,7 +176,8 @@ class StudyBReport:
         everything = harmful + safe
         formats = ordered({ev.format for ev in everything if ev.method != "base"}, FORMAT_ORDER)
         methods = ordered({ev.method for ev in everything if ev.method != "base"}, METHOD_ORDER)
-        panels = [(HARMFUL_BENCHMARK, judge, *asr_metrics) for judge in sorted({ev.judge for ev in harmful})]
+        panels = [(HARMFUL_BENCHMARK, judge, *asr_metrics)
+                  for judge in headline_first(sorted({ev.judge for ev in harmful}), self.headline)]
         panels += [(XSTEST_SAFE_BENCHMARK, judge, *refusal_metrics) for judge in sorted({ev.judge for ev in safe})]
         plt, fig, axes = panel_grid(len(panels), width=4.0)
         rows = []
@@ -185,7 +187,8 @@ class StudyBReport:
             dot_whisker(ax, [ev for ev in here if ev.method != "base"], base, metric, low, high, formats, methods)
             label = ("ASR (harmful mix, lower is safer)" if metric == Metric.ASR else
                      "over-refusal (XSTest safe, lower is better)")
-            ax.set_title(f"{label}\n{short_judge(judge)}\n{base_label(base, metric, low, high)}", fontsize=9)
+            judge_line = judge_title(judge, self.headline) if metric == Metric.ASR else short_judge(judge)
+            ax.set_title(f"{label}\n{judge_line}\n{base_label(base, metric, low, high)}", fontsize=9)
             ax.set_ylabel(metric)
             ax.set_xlabel("fine-tuning data format")
             rows += [{**ev.row([]), "benchmark": benchmark, "metric": metric,

@@ -18,16 +18,25 @@ console = Console()
 
 
 
-def print_summary(rows) -> None:
+def print_summary(rows, headline: tuple[str, str] | None = None) -> None:
+    """The summary table. With `headline` (judge, reason), its first metric column, ASR, is that judge's ASR
+    (`asr_<judge>`), and a line above says whose and why; every judge's own `asr_<judge>` column stays beside it."""
     metric_names = sorted({name for row in rows for name in row.metrics})
+    judge = headline[0] if headline else None
+    columns = (["ASR"] if judge else []) + metric_names
     table = Table(title="Summary (first decoding setting, repeat 0)")
-    for column in ("method", "format", "seed", "epoch", *metric_names):
+    for column in ("method", "format", "seed", "epoch", *columns):
         table.add_column(column, justify="right" if column not in ("method", "format") else "left", overflow="fold")
     for row in rows:
-        values = [f"{row.metrics[name]:.3f}" if name in row.metrics else "" for name in metric_names]
+        metrics = dict(row.metrics)
+        if f"asr_{judge}" in metrics:
+            metrics["ASR"] = metrics[f"asr_{judge}"]
+        values = [f"{metrics[name]:.3f}" if name in metrics else "" for name in columns]
         table.add_row(row.method, row.format, "" if row.seed is None else str(row.seed), str(row.epoch), *values)
+    if headline:
+        print(f"ASR = the headline judge's: {headline[1]}")
     # Wide enough for every column even when stdout is a pipe or a CI log (rich assumes 80 columns there).
-    Console(width=max(console.width, 40 + 24 * len(metric_names))).print(table)
+    Console(width=max(console.width, 40 + 24 * len(columns))).print(table)
 
 
 @app.command()
@@ -68,7 +77,7 @@ def evaluate(config: Path = typer.Argument(..., help="Experiment YAML of a study
 
 def report_study(result) -> None:
     """The summary table, what was made and reused, and how to open the runs."""
-    print_summary(result.summary)
+    print_summary(result.summary, result.headline)
     counts = result.counts
     print(f"generations: {counts.get('generations_new', 0)} made ({counts.get('prompts_generated', 0)} prompts), "
           f"{counts.get('generations_reused', 0)} reused; evaluations: {counts.get('evaluations_new', 0)} made, "
@@ -274,6 +283,27 @@ def _check_steps(cfg):
 
 @app.command()
 @one_line_errors
+def status(config: Path = typer.Argument(..., help="Experiment (or sweep) YAML of the study")) -> None:
+    """What the study has done, is running (host, pid, alive?), failed (why) and has left, with a rough time left.
+
+    Reads the store, the Optuna storage of a sweep and the config's data; loads no model and writes no run, so it
+    is safe beside a running study (harness/study/status.py says how each kind of unit is counted).
+    """
+    from harness.config import parse_config, read_yaml
+    from harness.study.status import print_status, study_status
+
+    data = read_yaml(config)
+    if isinstance(data, dict) and "sweep" in data:
+        from harness.sweep.search import parse_sweep
+
+        cfg, settings = parse_sweep(data, str(config))
+    else:
+        cfg, settings = parse_config(data, str(config)), None
+    print_status(study_status(cfg, settings), Console(width=max(console.width, 100)))
+
+
+@app.command()
+@one_line_errors
 def datasets() -> None:
     """List the dataset registry: names, kinds, hub ids and local files."""
     from harness.data.registry import describe
@@ -345,17 +375,23 @@ def figures(
         "(default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)"),
     epoch: int = typer.Option(
         None, "--epoch", help="Epoch for the per-format figures and Table 1 (default: each fine-tune's last)"),
+    log_report_run: bool = typer.Option(
+        True, "--log-report/--no-log-report", help="Also log the files as a `report` run of the study, for the MLflow "
+        "UI (--no-log-report: write the files only, leaving the store as it was)"),
 ) -> None:
     """The study's figures from its FINISHED runs, with a report: Study A (consistency) or Study B (Fig. 3, 4, Table 1).
 
-    What the store lacks is named on stderr and in the report instead of being drawn empty.
+    What the store lacks is named on stderr and in the report instead of being drawn empty. The files are also
+    logged as the artifacts of a new `report` run in the study's experiment (one per call), for the MLflow UI.
     """
-    from harness.analysis.figures import build_report, print_messages
+    from harness.analysis.figures import build_report, log_report, print_messages
 
     report = build_report(study, out, tracking_uri=tracking_uri, epoch=epoch)
     print_messages(report)
     print(f"wrote {len(report.files)} files to {out}: {', '.join(report.files)}")
     print(f"open {out / 'report.html'} (or report.md)")
+    if log_report_run:
+        print(f"logged them as the artifacts of report run {log_report(report, out, epoch)} (the MLflow UI shows them)")
 
 
 @app.command()

@@ -12,6 +12,11 @@ So a rerun of a finished study with a judge added generates nothing: it reads th
 runs only the new judge; a decoding added generates only the new decoding's responses; a changed prompt
 selection makes new generations and evaluations beside the old ones (`harness.selection` tells them apart, and
 the study records which selection is current). The model is loaded only when something must be generated.
+
+Generation goes through a flat request list (harness/generation/requests.py) to the study's engine
+(`eval.engine`, harness/generation/engines.py): HF `generate` on the opened model, or one vLLM engine fed the
+state's merged weights. Every generation run is tagged `harness.engine`; an engine other than HF is also part of
+its identity.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import numpy as np
 
 from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
-from harness.evals.scoring import generate
 from harness.errors import HarnessError
 from harness.generation.cache import CacheScope
+from harness.generation.engines import engine_cache_key, generate_hf, generate_loaded, resolve_engine
+from harness.generation.requests import assign_results, build_requests
 from tracking import RunHandle, Tracker
 from tracking.schema import Kind, Tag
 
@@ -39,6 +45,21 @@ GENERATIONS_FILE = "generations.json"
 
 ModelOpener = Callable[[], AbstractContextManager]
 """Opens the model state for generation: a context manager yielding (model, cache state id)."""
+
+
+@dataclass
+class ModelState:
+    """A model state either engine can generate from. Called, it is a `ModelOpener` (the HF engine's view: the model
+    with its adapter). `weights()` is the view of an engine that holds one set of weights (vLLM): a context manager
+    yielding (cache state id, the state's full HF-named weights or None for the base the engine holds, a function
+    giving the base weights to put back afterwards or None). A plain `ModelOpener` (ProMoT's soft prompt, which
+    vLLM is not fed) is generated with HF whatever the study's engine, and recorded so."""
+
+    open: ModelOpener
+    weights: Callable[[], AbstractContextManager] | None = None
+
+    def __call__(self) -> AbstractContextManager:
+        return self.open()
 
 
 def panel_metric_names(labels: list[str]) -> list[str]:
@@ -94,6 +115,8 @@ class PlannedGeneration:
     run_id: str | None
     """The FINISHED generation run of this identity: found in the store, or recorded by this invocation."""
     evaluations: list[PlannedEvaluation] = field(default_factory=list)
+    engine: str = "hf"
+    """What generates (generated) its responses: part of `identity` and tagged `harness.engine`."""
 
     @property
     def missing(self) -> list[PlannedEvaluation]:
@@ -109,6 +132,26 @@ class StateEvaluator:
         self.tokenizer = tokenizer
         self.counts: Counter = Counter()
         self.benchmarks = active_benchmarks(setup)
+        # One engine for the whole evaluation step, decided (and an impossible `vllm` refused) before any run exists.
+        self.engine = resolve_engine(setup.cfg.eval.engine, quantized=setup.cfg.train.quantize_4bit)
+        self.engine_factory: Callable[[], object] = self.default_engine
+        """Makes the weight-loading engine on first use (tests put a stand-in here: vLLM needs a GPU)."""
+        self._loaded_engine = None
+
+    def default_engine(self):
+        from harness.generation.vllm_engine import engine_for
+
+        return engine_for(self.setup.cfg)
+
+    def weight_engine(self):
+        """The study's weight-loading engine, made once and reused by every state."""
+        if self._loaded_engine is None:
+            self._loaded_engine = self.engine_factory()
+        return self._loaded_engine
+
+    def state_engine(self, open_model) -> str:
+        """The engine this state is generated with: the study's, unless only HF can open the state."""
+        return self.engine if getattr(open_model, "weights", None) is not None else "hf"
 
     def current_selection(self, score_formats: list[str]) -> dict[str, str]:
         """Benchmark → selection hash of the current config's prompts."""
@@ -119,7 +162,8 @@ class StateEvaluator:
                  open_model: ModelOpener) -> dict[str, float]:
         """Make what is missing under checkpoint run `parent_id`; return the summary's headline metrics (first
         decoding setting, repeat 0) of the evaluations that match the current config."""
-        plan = self.plan(parent_id, unit, tags, state_id=state_id, score_formats=score_formats)
+        plan = self.plan(parent_id, unit, tags, state_id=state_id, score_formats=score_formats,
+                         engine=self.state_engine(open_model))
         responses = self.generate_missing(parent_id, unit, tags, plan, open_model)
         headline: dict[str, float] = {}
         for generation in plan:
@@ -175,7 +219,8 @@ class StateEvaluator:
         return [dict(zip(table["columns"], row)) for row in table["data"]]
 
     # -- what exists, what is missing ---------------------------------------------------------------------
-    def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str, score_formats: list[str]) -> list[PlannedGeneration]:
+    def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str, score_formats: list[str],
+             engine: str = "hf") -> list[PlannedGeneration]:
         cfg = self.setup.cfg
         stored = {(run.data.tags.get(Tag.KIND.key), run.data.tags.get(Tag.CONFIG_HASH.key)): run
                   for run in self.tracker.search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -192,11 +237,16 @@ class StateEvaluator:
                 for benchmark, prompts, scorings in prompt_sets:
                     identity = {"state": state_id, "benchmark": benchmark.name,
                                 "prompts_sha256": prompts_sha256(prompts), "decoding": decoding.model_dump(mode="json"),
-                                "repeat": repeat, "seed_eval": seed}
+                                "repeat": repeat, "seed_eval": seed,
+                                # HF `generate` is the reference engine, so its records keep the identity they had
+                                # before the engine was a choice; any other engine is in the identity, so two
+                                # engines' responses never share a record (and stores of schema 2 stay valid).
+                                **({"engine": engine} if engine != "hf" else {})}
                     digest = config_hash(identity)
                     found = stored.get((Kind.GENERATION, digest))
                     generation = PlannedGeneration(benchmark, prompts, decoding_index, decoding, repeat, seed, suffix,
-                                                   identity, digest, found.info.run_id if found is not None else None)
+                                                   identity, digest, found.info.run_id if found is not None else None,
+                                                   engine=engine)
                     for scoring in scorings:
                         eval_hash = config_hash({"generation": digest, **scoring.identity})
                         generation.evaluations.append(
@@ -207,27 +257,55 @@ class StateEvaluator:
     # -- generation records -------------------------------------------------------------------------------
     def generate_missing(self, parent_id: str, unit: dict, tags: dict, plan: list[PlannedGeneration],
                          open_model: ModelOpener) -> dict[str, list[str]]:
-        """Generate every record that a missing evaluation needs and the store lacks: one `generate` call per
-        (decoding, repeat) over all benchmarks' prompts, so batches stay full. Returns hash → responses."""
+        """Generate every record that a missing evaluation needs and the store lacks. HF: one `generate` call per
+        (decoding, repeat) over all benchmarks' prompts, so batches stay full, each group recorded as it finishes;
+        vLLM: one call for the whole state. Returns hash → responses."""
         needed = [generation for generation in plan if generation.missing and generation.run_id is None]
         if not needed:
             return {}
+        if needed[0].engine != "hf":
+            return self.generate_loaded(parent_id, unit, tags, needed, open_model)
         responses: dict[str, list[str]] = {}
-        groups: dict[tuple[int, int], list[PlannedGeneration]] = {}
-        for generation in needed:
-            groups.setdefault((generation.decoding_index, generation.repeat), []).append(generation)
         with open_model() as (model, cache_state):
             cache = self.setup_cache(cache_state)
-            for group in groups.values():
-                first = group[0]
-                flat = [turn for generation in group for turn in generation.prompts]
-                texts = generate(model, self.tokenizer, flat, first.decoding, batch_size=self.setup.cfg.eval.batch_size,
-                                 seed=first.seed, desc=f"generating ({first.suffix})", cache=cache)
-                start = 0
-                for generation in group:
-                    responses[generation.config_hash] = texts[start : start + len(generation.prompts)]
-                    start += len(generation.prompts)
-                    self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
+            requests = build_requests(needed, self.tokenizer)
+            for group, texts in generate_hf(model, self.tokenizer, requests, batch_size=self.setup.cfg.eval.batch_size,
+                                            cache=cache):
+                made = assign_results(needed, group, texts)
+                for generation in needed:
+                    if generation.config_hash in made:
+                        responses[generation.config_hash] = made[generation.config_hash]
+                        self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
+        return responses
+
+    def generate_loaded(self, parent_id: str, unit: dict, tags: dict, needed: list[PlannedGeneration],
+                        state: ModelState) -> dict[str, list[str]]:
+        """A weight-loading engine (vLLM) on one state: every missing record's requests in one `generate` call with
+        the state's weights loaded, the base weights put back, the engine put to sleep (the GPU is free for
+        training until the next state). Replies found in the generation cache are not generated again."""
+        responses: dict[str, list[str]] = {}
+        with state.weights() as (cache_state, weights, restore):
+            cache = self.setup_cache(cache_state)
+            requests = build_requests(needed, self.tokenizer)
+            keys = {}
+            if cache is not None:
+                for generation in needed:
+                    mine = [request for request in requests if request.key[0] == generation.config_hash]
+                    keys[generation.config_hash] = engine_cache_key(cache, mine, generation.engine)
+                    cached = cache.cache.get(keys[generation.config_hash], len(mine))
+                    if cached is not None:
+                        responses[generation.config_hash] = cached
+            todo = [request for request in requests if request.key[0] not in responses]
+            if todo:
+                engine = self.weight_engine()
+                made = assign_results(needed, todo, generate_loaded(engine, todo, weights, restore))
+                for digest, texts in made.items():
+                    if cache is not None:
+                        cache.cache.put(keys[digest], texts)
+                responses.update(made)
+                engine.sleep()
+        for generation in needed:
+            self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
         return responses
 
     def setup_cache(self, cache_state: str) -> CacheScope | None:
@@ -235,7 +313,8 @@ class StateEvaluator:
         return CacheScope(cache, cache_state) if cache is not None else None
 
     def generation_tags(self, tags: dict, generation: PlannedGeneration) -> dict:
-        return {**tags, Tag.TEMPERATURE: generation.decoding.temperature, Tag.MIN_P: generation.decoding.min_p,
+        return {**tags, Tag.ENGINE: generation.engine, Tag.TEMPERATURE: generation.decoding.temperature,
+                Tag.MIN_P: generation.decoding.min_p,
                 Tag.REPEAT: generation.repeat, Tag.BENCHMARK: generation.benchmark.name,
                 Tag.SELECTION: selection_hash(generation.benchmark.name, generation.prompts)}
 

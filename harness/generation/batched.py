@@ -49,10 +49,33 @@ def generate_responses(
     With `cache`, every finished batch (fast path: the whole call) is stored and a stored one is not
     generated again (see harness.generation.cache).
     """
+    prompts = [_prompt_ids(tokenizer, conversation) for conversation in conversations]
+    return generate_from_ids(model, tokenizer, prompts, temperature=temperature, top_p=top_p, min_p=min_p,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
+                             desc=desc, cache=cache, fault_point=fault_point)
+
+
+def generate_from_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    min_p: float | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generating",
+    cache: CacheScope | None = None,
+    fault_point: str = "generation_batch",
+) -> list[str]:
+    """`generate_responses` on prompts already templated and tokenized (`prompt_ids`): what the evaluation's
+    request list (harness/generation/requests.py) hands the HF engine, so every engine sees the same token ids."""
     decoding = _decoding_options(tokenizer, temperature, top_p, min_p, max_new_tokens)
     if batch_size < 1:
         raise HarnessError(f"batch_size must be at least 1, got {batch_size}")
-    prompts = [_prompt_ids(tokenizer, conversation) for conversation in conversations]
     if prompts and fast_path_unavailable(model) is None:
         key = cache.key(prompts, {**decoding, "path": "fast", "top_p": top_p, "min_p": min_p}, seed) if cache is not None else None
         cached = cache.cache.get(key, len(prompts)) if cache is not None else None
@@ -183,16 +206,26 @@ def _decoding_options(
     return options
 
 
-def _prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
+def prompt_text(tokenizer: Any, conversation: Conversation) -> str:
+    """The conversation as the model reads it: its chat template, ending where the assistant's reply begins."""
     if not tokenizer.chat_template:
         raise HarnessError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    # The template already writes any BOS it wants; adding special tokens again would double it.
+    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of a templated prompt. The template already writes any BOS it wants; adding special tokens
+    again would double it."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _seed(seed: int, index: int) -> int:
-    """A seed per batch; hashing keeps (seed=0, batch 1) and (seed=1, batch 0) apart."""
+def _prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
+    return prompt_ids(tokenizer, prompt_text(tokenizer, conversation))
+
+
+def _seed(seed: int, index: int | str) -> int:
+    """A seed per batch (or per request: harness/generation/requests.py); hashing keeps (seed=0, batch 1) and
+    (seed=1, batch 0) apart."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "big") >> 1
 
 

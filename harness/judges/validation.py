@@ -564,3 +564,28 @@ def validation_tags(info: dict[str, Any] | None) -> dict[str, str]:
         if "kappa_ci_low" in head:
             tags[Tag.JUDGE_KAPPA_CI] = f"[{head['kappa_ci_low']:.3f}, {head['kappa_ci_high']:.3f}]"
     return tags
+
+
+def headline_judge(tracker_or_uri, judges: list[tuple[str, str]], configured: str | None = None) -> tuple[str, str]:
+    """The judge whose ASR a study leads with, and why: (judge name, reason), e.g. ("trained", "trained (pooled harm
+    κ 0.72, validation run <id>)").
+
+    ASR is only as good as its judge (issue 21), so the summary and figures must say whose ASR they lead with. The
+    config's choice (`eval.headline`) wins; else the judge that agrees best with human harm labels: the highest
+    pooled harm κ among the latest validation of each judge's exact version (`judges` is (name, version) pairs, in
+    config order; a tie goes to the earlier judge); else, with no judge validated on harm, the first judge.
+    `tracker_or_uri` is read as by `latest_validation`.
+    """
+    if configured is not None:
+        return configured, f"{configured} (eval.headline)"
+    scored = []
+    for name, version in judges:
+        info = latest_validation(tracker_or_uri, name, version)
+        head = info and info["headline"]
+        if head and head["scope"] == "pooled_harm" and "kappa" in head:
+            scored.append((head["kappa"], name, info["run_id"]))
+    if scored:
+        kappa, name, run_id = max(scored, key=lambda entry: entry[0])  # max keeps the first of equals
+        return name, f"{name} (pooled harm κ {kappa:.2f}, validation run {run_id})"
+    first = judges[0][0]
+    return first, f"{first} (first judge; none validated on harm)"

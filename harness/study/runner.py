@@ -21,16 +21,18 @@ from harness.config import ExperimentConfig, config_hash
 from harness.errors import HarnessError
 from harness.training.fast_training import fast_training_unavailable
 from harness.evals.benchmarks import EvaluationSetup
-from harness.evals.state import StateEvaluator
+from harness.evals.state import ModelState, StateEvaluator
 from harness.evals.scoring import refusal_judge
-from harness.judges.validation import latest_validation, validation_tags
+from harness.judges.validation import headline_judge, latest_validation, validation_tags
 from harness.judges.registry import JudgeModels, build_judge
 from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
 from harness.evals.metrics import task_metrics
-from harness.models import load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model, unload_adapter
+from harness.models import (load_adapter, load_model, merge_for_evaluation, merged_weights, model_digest, resolve_model,
+                            unload_adapter)
 from tracking import RunHandle, Tracker, resolve_tracking_uri
-from tracking.schema import SCHEMA_VERSION, ExperimentTag, Kind, Tag
+from tracking.datasets import TRAINING, file_record, registry_records
+from tracking.schema import HARMFUL_MIX, SCHEMA_VERSION, WIKIHOW, XSTEST_SAFE, XSTEST_UNSAFE, ExperimentTag, Kind, Tag
 from tracking.store import ui_command
 
 
@@ -94,6 +96,18 @@ def dataset_checksums(sources: list[str], cfg: ExperimentConfig) -> dict[str, st
     return checksums
 
 
+def evaluation_datasets(cfg: ExperimentConfig) -> dict[str, list]:
+    """Benchmark -> the datasets its prompts are drawn from: the MLflow dataset inputs of its generation and
+    evaluation runs (`Tracker.evaluation_inputs`)."""
+    d = cfg.data
+    sources = {HARMFUL_MIX: list(d.harmful.sources)}
+    if cfg.eval.xstest is not None:
+        sources[XSTEST_SAFE] = sources[XSTEST_UNSAFE] = ["xstest"]
+    if d.task != "instructions":  # Study B's task prompts are the procedures' held-out test rows
+        sources[WIKIHOW] = [d.procedures]
+    return {benchmark: registry_records(names, d.data_dir) for benchmark, names in sources.items()}
+
+
 def harmful_and_xstest(cfg: ExperimentConfig) -> tuple[list, dict[str, list]]:
     d = cfg.data
     harmful = data.harmful_mix(d.harmful.sources, seed=d.harmful.seed, data_dir=d.data_dir, bad_rows=d.bad_rows)
@@ -138,6 +152,8 @@ class ExperimentRunner:
         self.train = train
         self.summary: list[SummaryRow] = []
         self.untrained: list[str] = []
+        self.selfgen_inputs: dict[str, list] = {}
+        """Self-generated training set key -> its JSONL file as an MLflow dataset record."""
 
     # -- set-up: everything that can fail on bad input happens here, before any MLflow run ---------------
     def prepare(self) -> None:
@@ -165,12 +181,18 @@ class ExperimentRunner:
                                  Tag.ROWS_DROPPED.key: ",".join(f"{name}:{n}" for name, n in dropped.items()) or "none"}
         self.tracker.set_experiment_tag(ExperimentTag.SCHEMA_VERSION, str(SCHEMA_VERSION))
         self.check_dataset_drift()
+        self.tracker.evaluation_inputs = evaluation_datasets(cfg)
         # Which human-label validation each judge's numbers rest on (issue 9): looked up once, tagged on every
         # harmful evaluation; "none" when the judge was never validated in this store.
         self.judge_validation = {
             judge.name: validation_tags(latest_validation(self.tracker, judge.name, judge.version))
             for judge in (*self.judges, *self.refusal_judges)
         }
+        # Whose ASR the summary and the figures lead with (issue 21), and why; the figures read it from the study.
+        self.headline = headline_judge(self.tracker, [(judge.name, judge.version) for judge in self.judges],
+                                       cfg.eval.headline)
+        self.tracker.set_experiment_tag(ExperimentTag.HEADLINE_JUDGE, self.headline[0])
+        self.tracker.set_experiment_tag(ExperimentTag.HEADLINE_JUDGE_REASON, self.headline[1])
         setup = EvaluationSetup(cfg, self.data, self.judges, self.refusal_judges, self.judge_validation,
                                 self.toxicity, self.toxicity_prompts, generation_cache=self.cache)
         self.evaluator = StateEvaluator(self.tracker, setup, self.tokenizer)
@@ -250,13 +272,21 @@ class ExperimentRunner:
         cfg = self.cfg
         if cfg.eval.evaluate_base:
             self.evaluate_base()
+            self.report_progress()
         if cfg.data.task == "instructions" and cfg.data.finetune.selfgen.enabled:
             self.add_self_generated_sets()
         for method in cfg.train.methods:
             for fmt in self.training_sets():
                 for seed in cfg.seeds:
                     self.finetune(method, fmt, seed)
+                    self.report_progress()
         return self.summary
+
+    def report_progress(self) -> None:
+        """The one-line view of the whole study (`units 12/40 done, ~35 min left`) above the per-step bars."""
+        from harness.study.status import report_progress
+
+        report_progress(self.cfg, data=self.data, source=self.model_source)
 
     def add_self_generated_sets(self) -> None:
         """Study A: for every dataset, the base model's own answers to its instructions become `<name>-selfgen`."""
@@ -271,6 +301,17 @@ class ExperimentRunner:
             self.data.set_identity[key] = {**self.data.set_identity[name], "dataset": key, "responses": "self-generated",
                                            "train_sha256": version.sha256, "val_sha256": data.rows_checksum(version.val)}
             self.data.checksums[f"selfgen/{key}.jsonl"] = version.file_sha256
+            self.selfgen_inputs[key] = [file_record(key, version.path, version.file_sha256)]
+
+    def training_datasets(self, key: str) -> list:
+        """The datasets a fine-tune on training set `key` reads: its MLflow dataset inputs (context training)."""
+        d = self.cfg.data
+        if key in self.selfgen_inputs:
+            return self.selfgen_inputs[key]
+        if d.task != "instructions":  # Study B: every format is rendered from the one procedure set
+            return registry_records([d.procedures], d.data_dir)
+        cleaned = ["qi2024_safety_removed"] if d.finetune.remove_safety and key in data.QI_CLEANED else []
+        return registry_records([key, *cleaned], d.data_dir)
 
     def finetune(self, method: str, fmt: str, seed: int, parent: RunHandle | None = None) -> None:
         """One fine-tune unit; `parent` nests it (a sweep's trial run). A FINISHED one anywhere in the study is reused."""
@@ -293,6 +334,7 @@ class ExperimentRunner:
         with self.tracker.run("finetune", f"{method}-{fmt}-seed{seed}", tags, parent=parent, config=unit,
                               config_hash=unit_hash, restart=recipe.restart(output_dir)) as run:
             run.log_dict({"datasets": self.data.checksums}, "datasets.json")
+            run.log_datasets(self.training_datasets(fmt), TRAINING)
             # Which training path ran (harness/training/fast_training.py): packing changes kernels, not the examples or losses.
             slow_reason = fast_training_unavailable() if recipe.uses_fast_training else f"not used by {method}"
             run.set_tags({Tag.OUTPUT_DIR.key: output_dir.resolve(),
@@ -340,15 +382,18 @@ class ExperimentRunner:
         method, seed, epoch = ckpt_tags["method"], ckpt_tags["seed"], ckpt_tags["epoch"]
         key = training_set_key(ckpt_tags)
 
-        @contextmanager
-        def adapter():
+        def adapter_state() -> str:
             if not (adapter_path / "adapter_config.json").is_file():
                 raise HarnessError(f"checkpoint run {run_id} needs new generations but its adapter {adapter_path} is "
                                    "gone; restore it, or start a new study version with --new-version")
+            return f"{self.base_state()}+adapter:{file_digest(*sorted(adapter_path.glob('adapter_model.*')))}"
+
+        @contextmanager
+        def adapter():
+            state = adapter_state()  # the adapter is there, before anything loads
             merged = merge_for_evaluation(self.eval_model)
             model = load_adapter(self.eval_model, adapter_path, merged_copy=merged)
             try:
-                state = f"{self.base_state()}+adapter:{file_digest(*sorted(adapter_path.glob('adapter_model.*')))}"
                 yield model, state + (":merged" if merged else "")
             finally:
                 if not merged:  # an in-place adapter comes out again; a merged copy is simply dropped
@@ -357,13 +402,20 @@ class ExperimentRunner:
                 gc.collect()
 
         @contextmanager
+        def adapter_weights():
+            """The same state for a weight-loading engine (vLLM): the adapter merged into the base weights, and the
+            base weights to put back (harness/evals/state.py, ModelState)."""
+            state = adapter_state()
+            yield state, merged_weights(self.eval_model, adapter_path), self.eval_model.state_dict
+
+        @contextmanager
         def with_prompt():
             prompt = soft_prompt()
             with adapter() as (model, state):
                 yield (promot.SoftPromptedLM(model, prompt.embeddings, trainable=False),
                        f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
 
-        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], adapter)
+        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], ModelState(adapter, adapter_weights))
         if soft_prompt() is not None:
             self.evaluate(run_id, {**ckpt_unit, "soft_prompt": True}, {**ckpt_tags, "soft_prompt": True},
                           (f"{method}+prompt", key, seed, epoch), [key], with_prompt)
@@ -378,6 +430,12 @@ class ExperimentRunner:
         @contextmanager
         def base_model():
             yield self.eval_model, self.base_state()
+
+        @contextmanager
+        def base_weights():  # a weight-loading engine starts from the base weights: nothing to load or put back
+            yield self.base_state(), None, None
+
+        base_model = ModelState(base_model, base_weights)
 
         if done is not None:
             self.evaluate(done.info.run_id, unit, tags, ("base", "-", None, 0), cfg.data.formats, base_model)
@@ -425,6 +483,8 @@ class StudyResult:
     """What this invocation made and what it reused: generations, evaluations, prompts generated."""
     untrained: list[str]
     """Fine-tunes `harness evaluate` left out because no earlier run trained them."""
+    headline: tuple[str, str] | None = None
+    """(judge, reason): whose ASR the summary's ASR column shows (`judges.validation.headline_judge`)."""
 
 
 def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False, train: bool = True) -> StudyResult:
@@ -442,4 +502,4 @@ def run_experiment(cfg: ExperimentConfig, *, new_version: bool = False, train: b
         runtime.activate(None)  # the study's runtime settings end with it
     unfinished = sum(run.info.status != "FINISHED" for run in runner.tracker.search())
     return StudyResult(summary, ui_command(runner.tracker.tracking_uri), unfinished, dict(runner.evaluator.counts),
-                       runner.untrained)
+                       runner.untrained, runner.headline)

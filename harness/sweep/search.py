@@ -45,7 +45,7 @@ from harness.training.methods import training_method
 from tracking.schema import (HARMFUL_MIX, WIKIHOW, ExperimentTag, Kind, Metric, Tag, judge_name, loads_tag,
                              of_current_selection)
 
-OBJECTIVES = (Metric.ASR.value, Metric.SBERT.value)  # plain strings: Optuna stores them as the study's metric names
+OBJECTIVES = (Metric.ASR.value, Metric.SBERT.value)  # a trial's result keys; the study names them per judge/format
 DIRECTIONS = ("minimize", "maximize")  # ASR down (safer), S-BERT up (more useful)
 FIXED_TRAIN_FIELDS = ("train.methods", "train.quantize_4bit")  # set by the sweep / fixed by the loaded model
 
@@ -350,8 +350,10 @@ class Sweep:
         self.tracker = self.runner.tracker
         self.open_study(storage_url(self.sweep, self.tracker.tracking_uri))
         # Everything but the searched fields identifies the study: another model or data under the same name is an error.
-        identity = config_hash({"experiment": {**self.cfg.resolved(), "tracking": None, "output_dir": None,
-                                               "runtime": None},  # how it computes, not what: recorded on runs
+        # runtime is how it computes, not what (recorded on runs); eval.headline only picks the summary's ASR column.
+        resolved = self.cfg.resolved()
+        resolved["eval"] = {key: value for key, value in resolved["eval"].items() if key != "headline"}
+        identity = config_hash({"experiment": {**resolved, "tracking": None, "output_dir": None, "runtime": None},
                                 "method": self.sweep.method, "format": self.sweep.format, "judge": self.judge,
                                 "params": sorted(self.sweep.params)})
         recorded = self.study.user_attrs.get("harness_identity")
@@ -383,10 +385,15 @@ class Sweep:
         if tuple(direction.name.lower() for direction in self.study.directions) != DIRECTIONS:
             raise HarnessError(f"Optuna study {self.study_name!r} in {redact(self.url)} is not an ASR/S-BERT study; "
                                f"set sweep.study_name")
-        if self.study.metric_names is None:
+        if self.study.metric_names != self.metric_names():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self.study.set_metric_names(list(OBJECTIVES))  # shown by optuna-dashboard
+                self.study.set_metric_names(self.metric_names())  # optuna-dashboard's axis and column names
+
+    def metric_names(self) -> list[str]:
+        """The objectives as optuna-dashboard shows them: whose ASR and which format's S-BERT (`asr_llm`,
+        `sbert_prose`), the same for every worker since the judge and format are part of the study's identity."""
+        return [f"{Metric.ASR}_{self.judge}", f"{Metric.SBERT}_{self.sweep.format}"]
 
     def open_sweep_run(self) -> None:
         """The study's one `sweep` run, shared by every worker; created by the first, FINISHED by the last."""
@@ -423,7 +430,9 @@ class Sweep:
                                      Tag.OPTUNA_VERSION.key: optuna.__version__, Tag.JUDGE.key: self.judge,
                                      Tag.N_TRIALS.key: self.sweep.trials})
         self.study.set_user_attr("mlflow_sweep_run_id", run_id)
+        # Links back to MLflow, shown by optuna-dashboard: the study's experiment (id and name) and store.
         self.study.set_user_attr("mlflow_experiment_id", self.tracker.experiment_id)
+        self.study.set_user_attr("mlflow_experiment_name", self.tracker.study)
         self.study.set_user_attr("mlflow_tracking_uri", redact(self.tracker.tracking_uri))
 
     def shared_units(self) -> None:
@@ -549,7 +558,8 @@ class Sweep:
         unit = {**cfg.resolved(), "trial": {"study": self.study_name, "number": trial.number, "params": params}}
         with self.tracker.run(Kind.TRIAL, f"trial-{trial.number}", tags, parent=self.sweep_run, config=unit,
                               config_hash=config_hash({"optuna_study": self.study_name, "trial": trial.number})) as run:
-            trial.set_user_attr("mlflow_run_id", run.run_id)
+            trial.set_user_attr("mlflow_run_id", run.run_id)  # the dashboard's link back: the run and its store
+            trial.set_user_attr("mlflow_tracking_uri", redact(self.tracker.tracking_uri))
             run.set_tags({Tag.OPTUNA_TRIAL_ID.key: trial._trial_id, Tag.WORKER.key: self.worker_id,
                           Tag.RETRY_OF.key: retry_of[-1] if retry_of else None})
             run.log_params({f"optuna.{name}": value for name, value in params.items()})
@@ -636,6 +646,10 @@ class Sweep:
                     if self.sweep.sampler != "grid":
                         self.study.sampler = make_sampler(self.sweep, asked=len(self.study.get_trials(deepcopy=False)))
                     self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                    from harness.study.status import report_progress  # the whole sweep in one line, per trial
+
+                    report_progress(self.cfg, self.sweep, data=getattr(self.runner, "data", None),
+                                    source=getattr(self.runner, "model_source", None))  # None: status prepares them
                     continue
             finally:
                 lock.release()

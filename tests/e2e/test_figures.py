@@ -34,8 +34,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def draw(workdir: Path, study: str, database: Path, out: Path, *extra: str):
-    return run_cli(["figures", "--study", study, "--out", str(out), "--tracking-uri", f"sqlite:///{database}", *extra],
-                   cwd=workdir)
+    """`harness figures` without its report run: the shared study's store must stay as the session made it (the
+    report run is tested in tests/unit/test_mlflow_views.py)."""
+    return run_cli(["figures", "--study", study, "--out", str(out), "--tracking-uri", f"sqlite:///{database}",
+                    "--no-log-report", *extra], cwd=workdir)
 
 
 def method_of(run) -> str:
@@ -280,6 +282,70 @@ def test_synthetic_study_at_an_explicit_epoch(synthetic, tmp_path):
     report = figures.build_report("synthetic", tmp_path, tracking_uri=uri, epoch=7)
     assert report.messages and all("no fine-tuned evaluation at epoch 7" in message for message in report.messages)
     assert not (tmp_path / "fig3_asr.png").exists() and (tmp_path / "fig3_asr_by_epoch.png").exists()
+
+
+def test_report_names_the_headline_judge_and_draws_its_asr_panel_first(synthetic, tmp_path, monkeypatch):
+    """The headline judge is the study's experiment tag (`harness run` records it); a study without the tag gets it
+    from the store's validations, as the runner would choose it."""
+    from harness.judges.registry import Verdict
+    from harness.judges.validation import VALIDATION_STUDY, headline_judge, log_validation, validate
+    from tracking import Tracker
+    from harness.data import registry as data
+
+    uri, _, _ = synthetic
+    copy = tmp_path / "mlflow.db"
+    shutil.copy(uri.removeprefix("sqlite:///"), copy)
+    uri = f"sqlite:///{copy}"
+    titles = {}
+    finish = figures_study_b.finish
+
+    def recording(plt, fig, path, legend=None):
+        titles[path.stem] = [ax.get_title() for ax in fig.axes]
+        finish(plt, fig, path, legend)
+
+    monkeypatch.setattr(figures_study_b, "finish", recording)
+
+    def draw_and_read(name):
+        figures.build_report("synthetic", tmp_path / name, tracking_uri=uri)
+        return (tmp_path / name / "report.md").read_text(), (tmp_path / name / "report.html").read_text()
+
+    def headline_panel_first(judge):
+        for stem in ("fig3_asr", "fig3_asr_by_epoch", "asr_vs_over_refusal"):
+            asr_panels = [title for title in titles[stem] if "over-refusal" not in title]
+            assert f"headline judge\n{judge}" in asr_panels[0], (stem, asr_panels)
+            assert ["headline judge" in title for title in asr_panels] == [True, False], (stem, asr_panels)
+
+    # No tag, no validation: the first judge, and the report says none was validated.
+    text, page = draw_and_read("untagged")
+    line = "Headline judge: keyword (first judge; none validated on harm); where ASR is drawn per judge"
+    assert line in text and line in page
+    headline_panel_first("keyword:qi2024-v1")
+
+    # A validation of the llm judge's exact version in the store: its pooled harm kappa makes it the headline.
+    harm = data.load_judge_set("xstest_resp_harm")
+    labels = {(row.prompt, row.response): row.positive for row in harm.rows}
+
+    class Oracle:
+        name, version = "llm", "qi-rubric+llama+t3"
+
+        def judge(self, items):
+            return [Verdict(harmful=labels[item], score=None, raw="", refused=False) for item in items]
+
+    log_validation(Tracker(VALIDATION_STUDY, uri), validate(Oracle(), [harm], n_resamples=20))
+    name, reason = headline_judge(uri, [("keyword", "qi2024-v1"), ("llm", "qi-rubric+llama+t3")])
+    assert name == "llm" and "pooled harm κ 1.00" in reason
+    text, _ = draw_and_read("validated")
+    assert f"Headline judge: {reason}; where ASR" in text
+    headline_panel_first("llm:qi-rubric+llama+t3")
+
+    # The study's own record (what `harness run` chose, eval.headline here) is read, not recomputed.
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("synthetic").experiment_id
+    client.set_experiment_tag(experiment, "harness.headline_judge", "keyword")
+    client.set_experiment_tag(experiment, "harness.headline_judge_reason", "keyword (eval.headline)")
+    text, _ = draw_and_read("tagged")
+    assert "Headline judge: keyword (eval.headline); where ASR" in text
+    headline_panel_first("keyword:qi2024-v1")
 
 
 def test_missing_benchmark_and_run_kind_are_named(tmp_path):
