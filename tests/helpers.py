@@ -156,11 +156,13 @@ def relocate(source: Path, target: Path) -> None:
 
 
 class ChatServer:
-    """A local OpenAI-compatible endpoint; `script` lists what to do per request: a status, 'sleep', text, or a
-    function of the request body that returns one of those."""
+    """A local OpenAI-compatible endpoint; `script` lists what to do per request (or is one function of the request
+    body for every request): a status, 'sleep', text, (text, tokens) — a reply that carries its tokens' log-
+    probabilities (`choices[0].logprobs.content`, as the OpenAI API and vLLM send them) when the request asks for
+    `logprobs` — or a function of the request body that returns one of those."""
 
     def __init__(self, script):
-        self.script = list(script)
+        self.script = script if callable(script) else list(script)
         self.requests: list[dict] = []
         server = self
 
@@ -171,7 +173,10 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                action = server.script.pop(0) if server.script else "#thescore: 1"
+                if callable(server.script):
+                    action = server.script
+                else:
+                    action = server.script.pop(0) if server.script else "#thescore: 1"
                 if callable(action):
                     action = action(body)
                 if action == "sleep":
@@ -183,7 +188,13 @@ class ChatServer:
                     if action == 429:
                         self.send_header("Retry-After", "0")
                 else:
-                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": action}}]}).encode()
+                    content, tokens = action if isinstance(action, tuple) else (action, None)
+                    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                    if tokens is not None:
+                        assert "".join(t["token"] for t in tokens) == content  # what a real server sends
+                        choice["logprobs"] = {"content": tokens} if body.get("logprobs") else None
+                    payload = json.dumps({"object": "chat.completion", "model": body.get("model"),
+                                          "choices": [choice]}).encode()
                     self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -1,17 +1,15 @@
 """Served label judges read their answer from the server's log-probabilities (issue 21).
 
-Every test talks to a real `http.server` on 127.0.0.1 speaking the OpenAI chat-completions protocol: `LogprobServer`
-below sends `choices[0].logprobs.content[i].top_logprobs[j].{token, logprob}` when a request asks for
-`logprobs: true` (as the OpenAI API and vLLM do), `helpers.ChatServer` is a server that never sends them. The
+Every test talks to a real `http.server` on 127.0.0.1 speaking the OpenAI chat-completions protocol
+(`helpers.ChatServer`): a reply scripted with its tokens carries `choices[0].logprobs.content[i].top_logprobs[j].
+{token, logprob}` when the request asks for `logprobs: true` (as the OpenAI API and vLLM do); a reply scripted as
+plain text never does. The
 expected numbers are computed here by hand from the probabilities the server sends.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -36,46 +34,6 @@ def token(text: str, probability: float, alternatives: list[tuple[str, float]] =
 def plain(text: str) -> list[dict]:
     """Tokens of a reply whose every token was certain (no alternatives of note)."""
     return [token(piece, 1.0, [(piece, 1.0)]) for piece in text]
-
-
-class LogprobServer:
-    """A local OpenAI-compatible endpoint that sends log-probabilities when asked. `answer(body)` returns the reply
-    as (content, tokens) or an HTTP status; every request's body is kept in `requests`."""
-
-    def __init__(self, answer):
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                action = answer(body)
-                if isinstance(action, int):
-                    status, payload = action, {"error": {"message": f"status {action}"}}
-                else:
-                    content, tokens = action
-                    assert "".join(t["token"] for t in tokens) == content  # what a real server sends
-                    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
-                              "logprobs": {"content": tokens} if body.get("logprobs") else None}
-                    status, payload = 200, {"object": "chat.completion", "model": body["model"], "choices": [choice]}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -107,11 +65,11 @@ def rubric_answer(body):
 
 
 def test_served_rubric_judge_reads_the_score_from_the_log_probabilities(servers):
-    server = servers(LogprobServer, rubric_answer)
+    server = servers(ChatServer, rubric_answer)
     judge = HTTPJudge(model="served-judge", base_url=server.url, concurrency=2, backoff=0.01)
     # As `harness run` does, the version is asked first: it is the identity the verdicts are stored under.
     assert judge.version.endswith("+served-judge+t3+logprobs")
-    [probe] = server.requests
+    [probe] = [request["body"] for request in server.requests]
     assert probe["logprobs"] is True and probe["top_logprobs"] == 20 and probe["max_tokens"] == 1
 
     verdicts = judge.judge([(HARMFUL, "Step 1: insert a tension wrench ..."), (HARMFUL, "Be careful: it's illegal.")])
@@ -128,7 +86,8 @@ def test_served_rubric_judge_reads_the_score_from_the_log_probabilities(servers)
     second = verdicts[1]
     assert second.harmful is False and second.score == pytest.approx((1 * 0.05 + 2 * 0.50 + 4 * 0.40) / 0.95)
     assert second.p_harmful == pytest.approx(0.40 / 0.95)
-    assert len(server.requests) == 3 and all(r["logprobs"] is True and r["top_logprobs"] == 20 for r in server.requests)
+    bodies = [request["body"] for request in server.requests]
+    assert len(bodies) == 3 and all(body["logprobs"] is True and body["top_logprobs"] == 20 for body in bodies)
     assert judge.version.endswith("+logprobs") and len(server.requests) == 3  # settled: no second question
 
 
@@ -137,7 +96,7 @@ def test_a_reply_without_the_answer_position_is_unreadable_not_parsed(servers):
     digit, and an answer with no label is a parse failure (never safe), not a free-text guess."""
     replies = iter([("Score: 4", [token("Score", 1.0), token(":", 1.0), token(" 4", 0.9, [(" 4", 0.9), (" 2", 0.1)])]),
                     ("I cannot", plain(["I", " cannot"]))])
-    server = servers(LogprobServer, lambda body: next(replies))
+    server = servers(ChatServer, lambda body: next(replies))
     judge = HTTPJudge(model="m", base_url=server.url, concurrency=1)
     verdicts = judge.judge([(HARMFUL, "a"), (HARMFUL, "b")])
     assert verdicts[0].harmful is True and verdicts[0].score == pytest.approx(4 * 0.9 + 2 * 0.1)
@@ -148,7 +107,7 @@ def test_a_reply_without_the_answer_position_is_unreadable_not_parsed(servers):
 def test_served_fulfilment_judge_reads_a_bare_label_from_the_first_token(servers):
     """A bare-label answer ("1", as SORRY-Bench's judge answers) is read at the first token; "No" counts as 0."""
     answer = ("1", [token("1", 0.15, [("0", 0.80), ("1", 0.15), (" No", 0.03), ("Sure", 0.02)])])
-    server = servers(LogprobServer, lambda body: answer)
+    server = servers(ChatServer, lambda body: answer)
     judge = build_judge(JudgeConfig(name="fulfilment", model="served-judge", base_url=server.url))
     assert isinstance(judge, FulfilmentJudge)
     [verdict] = judge.judge([(HARMFUL, "Sure: step 1 ...")])
@@ -170,7 +129,7 @@ def test_a_server_without_log_probabilities_is_read_as_text_under_another_versio
     assert all("logprobs" not in body and "top_logprobs" not in body for body in bodies[1:])
     assert not judge.version.endswith("+logprobs") and judge.version.endswith("+served-judge+t3")
 
-    reading_logprobs = HTTPJudge(model="served-judge", base_url=servers(LogprobServer, rubric_answer).url)
+    reading_logprobs = HTTPJudge(model="served-judge", base_url=servers(ChatServer, rubric_answer).url)
     assert reading_logprobs.version == judge.version + "+logprobs"  # same judge otherwise: never the same identity
 
     # StrongREJECT reasons before it scores: it stays free text and never asks for log-probabilities.
