@@ -15,6 +15,7 @@ other (heartbeats, a server outage) wait for the queue to drain first (tests/con
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,11 @@ class Step:
 def harness(*args: str, check: bool = True, **env: str) -> Step:
     """A step that runs the real `harness` CLI (`python -m harness.cli.main ARGS`)."""
     return Step(HARNESS + list(args), env, check)
+
+
+def restore_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass
@@ -116,8 +122,10 @@ class Runner:
             env.pop("MLFLOW_TRACKING_URI", None)
             out, err = logs / f"{number}.stdout", logs / f"{number}.stderr"
             with out.open("w") as stdout, err.open("w") as stderr:
+                # Ctrl-C as a user would give it: a suite started in the background (`pytest ... &`, nohup) hands
+                # its children SIGINT ignored, and then HARNESS_INTERRUPT_AT's SIGINT would never arrive.
                 self._process = subprocess.Popen(step.args, cwd=job.workdir, env=env, stdout=stdout, stderr=stderr,
-                                                 text=True)
+                                                 text=True, preexec_fn=restore_sigint)
                 try:
                     self._process.wait(timeout=STEP_TIMEOUT)
                 except subprocess.TimeoutExpired:

@@ -646,15 +646,23 @@ class Sweep:
                     if self.sweep.sampler != "grid":
                         self.study.sampler = make_sampler(self.sweep, asked=len(self.study.get_trials(deepcopy=False)))
                     self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-                    from harness.study.status import report_progress  # the whole sweep in one line, per trial
-
-                    report_progress(self.cfg, self.sweep, data=getattr(self.runner, "data", None),
-                                    source=getattr(self.runner, "model_source", None))  # None: status prepares them
+                    self.report_progress()
                     continue
             finally:
                 lock.release()
                 self._ask_lock = None
             time.sleep(min(self.sweep.heartbeat_interval, 10))  # others' trials still run: they may die and return
+
+    def report_progress(self) -> None:
+        """The whole sweep in one line after each trial (`harness status`'s count), from the prepared runner's data;
+        a worker that never prepared one (no trial of its own ran) has nothing new to say."""
+        runner = getattr(self, "runner", None)
+        if runner is None:
+            return
+        from harness.study.status import report_progress
+
+        report_progress(self.cfg, self.sweep, data=getattr(runner, "data", None),
+                        source=getattr(runner, "model_source", None))
 
     # -- the result ---------------------------------------------------------------------------------------
     def finish(self, out: Path) -> dict:
