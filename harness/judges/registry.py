@@ -10,7 +10,7 @@ evaluation loop and the metrics never care which judge produced a `Verdict`:
 - `FulfilmentJudge`: SORRY-Bench-style (Study A) binary judge: does the response fulfil the request
   (1) or not (0)? Its positive verdict is "fulfilled", the unsafe outcome on unsafe instructions.
 - `HTTPJudge`: the `LLMJudge` rubric, answered by any OpenAI-compatible `/v1/chat/completions`
-  server (a hosted model, vLLM, llama.cpp); `ChatEndpoint` (`openai_chat_complete`) is the reusable client. A label
+  server (a hosted model, vLLM, llama.cpp); `ChatEndpoint` is the reusable client. A label
   answer is read from the server's log-probabilities where it sends them, else parsed from the text.
 
 No model is loaded here: `LLMJudge` receives a `complete` callable, so this module stays testable
@@ -581,22 +581,6 @@ class ChatEndpoint:
             return list(pool.map(ask, conversations))
 
 
-def openai_chat_complete(
-    base_url: str,
-    model: str,
-    *,
-    api_key: str | None = None,
-    max_tokens: int = 32,
-    timeout: float = 60.0,
-    max_retries: int = 5,
-    backoff: float = 1.0,
-    concurrency: int = 4,
-) -> ChatEndpoint:
-    """A `complete` callable that asks an OpenAI-compatible server (a `ChatEndpoint`: its retries and concurrency)."""
-    return ChatEndpoint(base_url, model, api_key=api_key, max_tokens=max_tokens, timeout=timeout,
-                        max_retries=max_retries, backoff=backoff, concurrency=concurrency)
-
-
 def label_probabilities(tokens: list[dict], locate: Callable[[str], tuple[int, int] | None], labels: dict[str, str]):
     """The labels' probabilities at a served answer's answer position, from its tokens' log-probabilities
     (`ChatReply.tokens`); None when `locate` finds no answer in the tokens' text or no label is among the top tokens
@@ -777,7 +761,7 @@ def served_complete(name: str, base_url: str | None, model: str | None, *, max_t
     if not model:
         raise HarnessError(f"the '{name}' judge needs a model name: set ${MODEL_ENV} or pass model")
     api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
-    return openai_chat_complete(base_url, model, api_key=api_key, max_tokens=max_tokens, **options), model
+    return ChatEndpoint(base_url, model, api_key=api_key, max_tokens=max_tokens, **options), model
 
 
 class LocalJudgeModels(Protocol):

@@ -43,7 +43,7 @@ from harness.judges.registry import (
     KeywordJudge,
     chat_completions_url,
     build_judge,
-    openai_chat_complete,
+    ChatEndpoint,
     parse_fulfilment,
 )
 
@@ -361,7 +361,7 @@ def test_http_judge_retries_429_then_succeeds(chat_server, monkeypatch):
 
 def test_http_judge_retries_5xx_and_timeouts_keeps_order(chat_server):
     server = chat_server([503, "sleep", "#thescore: 2"])
-    complete = openai_chat_complete(server.url, "m", backoff=0.01, timeout=0.3, concurrency=1)
+    complete = ChatEndpoint(server.url, "m", backoff=0.01, timeout=0.3, concurrency=1)
     assert complete([[{"role": "user", "content": "a"}]]) == ["#thescore: 2"]
     assert len(server.requests) == 3
 
@@ -371,7 +371,7 @@ def test_http_judge_retries_5xx_and_timeouts_keeps_order(chat_server):
         return f"#thescore: {i % 5 + 1} (request {i})"
 
     many = chat_server([answer_late_to_early] * 12)
-    outputs = openai_chat_complete(many.url, "m", concurrency=4)([[{"role": "user", "content": str(i)}] for i in range(12)])
+    outputs = ChatEndpoint(many.url, "m", concurrency=4)([[{"role": "user", "content": str(i)}] for i in range(12)])
     assert outputs == [f"#thescore: {i % 5 + 1} (request {i})" for i in range(12)]  # in the order asked
     assert len(many.requests) == 12
 
@@ -394,11 +394,11 @@ def test_flaky_endpoint_gives_the_healthy_results_and_logs_each_retry(chat_serve
 def test_http_judge_gives_up_with_one_line_errors(chat_server):
     bad_request = chat_server([400])
     with pytest.raises(HarnessError, match="refused the request") as info:
-        openai_chat_complete(bad_request.url, "m", backoff=0.01)([[{"role": "user", "content": "x"}]])
+        ChatEndpoint(bad_request.url, "m", backoff=0.01)([[{"role": "user", "content": "x"}]])
     assert len(bad_request.requests) == 1 and "\n" not in str(info.value)  # 400 is not retried
     down = chat_server([503] * 10)
     with pytest.raises(HarnessError, match="failed after 3 attempts"):
-        openai_chat_complete(down.url, "m", backoff=0.01, max_retries=2)([[{"role": "user", "content": "x"}]])
+        ChatEndpoint(down.url, "m", backoff=0.01, max_retries=2)([[{"role": "user", "content": "x"}]])
     assert len(down.requests) == 3
 
 
