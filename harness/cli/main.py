@@ -340,6 +340,8 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"),
     json_path: Path = typer.Option(None, "--json", help="Where to write the JSON result (default outputs/bench-...)"),
+    vllm: bool = typer.Option(False, "--vllm", help="Generation: also vLLM on the same prompts (needs CUDA and the "
+                                                    "vllm extra), after both HF paths"),
 ) -> None:
     """Harness fast path against the plain baseline in one process: tokens/s, ratio, peak memory; table and JSON."""
     from harness.bench import bench_generation, bench_training, report
@@ -353,8 +355,10 @@ def bench(
         decodings = ["greedy", "sampled"] if decoding == "both" else [decoding]
         result = bench_generation(
             model, prompts=prompts, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, lengths=lengths,
-            batches=batches, decodings=decodings, **options,
+            batches=batches, decodings=decodings, vllm=vllm, **options,
         )
+    elif vllm:
+        raise HarnessError("--vllm measures generation only: use it with --task generation")
     elif task == "training":
         result = bench_training(
             model, batch=batches[0], seq_len=seq_len, lengths=lengths, steps=steps, checkpointing=checkpointing,

@@ -62,7 +62,9 @@ class VLLMEngine:
 
     def __init__(self, model_path: str | Path, *, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_model_len: int | None = None,
-                 seed: int = 0, revision: str | None = None):
+                 seed: int = 0, revision: str | None = None, **engine_args: Any):
+        """`engine_args` go to `vllm.LLM` as they are (`harness bench` passes `load_format="dummy"` and
+        `skip_tokenizer_init=True` for an architecture with random weights)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: apply_model sees our tensors
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # the sampler would import flashinfer (VLLM.md)
         import torch
@@ -70,10 +72,15 @@ class VLLMEngine:
 
         self.model_path, self.revision = str(model_path), revision
         self.gpu_memory_utilization = gpu_memory_utilization
+        # vLLM checks that the share it is given is free now: memory PyTorch's allocator holds from training or from
+        # the HF model's generation must go back to the device first.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         try:
             self.llm = LLM(model=self.model_path, revision=revision, dtype=dtype, seed=seed,
                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                           enable_sleep_mode=True)
+                           enable_sleep_mode=True, **engine_args)
         except (torch.OutOfMemoryError, ValueError, RuntimeError) as error:
             if "memory" not in str(error).lower():
                 raise
@@ -89,17 +96,24 @@ class VLLMEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Every request's reply, in the requests' order, from one `LLM.generate` call (fed token ids, so the prompt
         is exactly the HF path's)."""
+        outputs = self._generate([list(request.prompt_ids) for request in requests],
+                                 [sampling_settings(request) for request in requests])
+        return [output.outputs[0].text.strip() for output in outputs]
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]]) -> list[list[int]]:
+        """Each prompt's new token ids under its `SamplingParams` arguments (`harness bench`: no text needed)."""
+        return [list(output.outputs[0].token_ids) for output in self._generate(prompts, settings)]
+
+    def _generate(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]]) -> list[Any]:
         import torch
         from vllm import SamplingParams
 
         self.wake()
-        prompts = [{"prompt_token_ids": list(request.prompt_ids)} for request in requests]
-        params = [SamplingParams(**sampling_settings(request)) for request in requests]
         try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=True)
+            return self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompts],
+                                     [SamplingParams(**options) for options in settings], use_tqdm=True)
         except torch.OutOfMemoryError as error:
             raise self._memory_error(error) from None
-        return [output.outputs[0].text.strip() for output in outputs]
 
     def load_weights(self, named_tensors: dict[str, Any] | Iterable[tuple[str, Any]]) -> None:
         """Copy HF-named tensors into the running model (vLLM's own `load_weights` maps names and fuses q/k/v and

@@ -7,6 +7,7 @@ the runner's model states, the merge, the request list, the MLflow store — is 
 """
 
 import copy
+import os
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -455,12 +456,14 @@ needs_vllm = pytest.mark.skipif(vllm_unavailable() is not None, reason=f"vLLM ca
 
 @pytest.fixture(scope="module")
 def vllm_setup():
-    """SmolLM2-135M in HF (bf16 on CUDA) and one vLLM engine on the same directory."""
+    """SmolLM2-135M (or HARNESS_GPU_TEST_MODEL: the GPU machine has the Qwen models staged) in HF (bf16 on CUDA) and
+    one vLLM engine on the same directory."""
     from harness.generation.vllm_engine import VLLMEngine
     from harness.models import resolve_model
 
-    model, tok = load_model("smollm2-135m-instruct")
-    engine = VLLMEngine(resolve_model("smollm2-135m-instruct").location, gpu_memory_utilization=0.3)
+    name = os.environ.get("HARNESS_GPU_TEST_MODEL", "smollm2-135m-instruct")
+    model, tok = load_model(name)
+    engine = VLLMEngine(resolve_model(name).location, gpu_memory_utilization=0.3)
     yield model, tok, engine
     engine.close()
 

