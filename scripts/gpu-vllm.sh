@@ -4,13 +4,14 @@
 # ../shared/gpu/VLLM.md, all under /root/stage/out. From the repository root:
 #     bash scripts/gpu-vllm.sh setup     install (vLLM too), unpack the data, start MLflow, convert the model once
 #     bash scripts/gpu-vllm.sh start     in the background, two lanes, one per GPU:
-#        GPU 0: the `gpu` tests (vLLM against HF on the 1.5B), `harness bench --vllm` on the 8B and 1B
-#               architectures (measurement 1), then, once the study is trained, `harness evaluate` with
-#               eval.engine: hf (timed), the greedy agreement (measurement 3) and multi-LoRA (measurement 2's third arm)
-#        GPU 1: Study B seed 0 trained: SFT with eval.engine: vllm (training and the engine share the GPU), the three
-#               ProMoT arms beside it with hf; then `harness evaluate` with eval.engine: vllm (timed), then with HF's
-#               plain `generate` (HARNESS_FAST_GENERATION=0, timed)
+#        GPU 0: Study B seed 0's three ProMoT arms side by side; once everything is trained, `harness evaluate` with
+#               eval.engine: hf (timed), the greedy agreement (measurement 3), the `gpu` tests on the 1.5B
+#        GPU 1: the SFT arms (and the base model); then `harness evaluate` with eval.engine: vllm (timed), beside the
+#               HF one on the other GPU; `harness bench --vllm` on the 8B architecture (measurement 1); multi-LoRA
+#               (measurement 2's third arm)
 #        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
+#        (A first machine ran SFT with eval.engine: vllm beside two ProMoT processes on one GPU: vLLM found no memory
+#        for its cache, since it counts what neighbours allocate while it profiles; one process per GPU is the rule.)
 #     bash scripts/gpu-vllm.sh wait N    follow the logs for up to N seconds
 #     bash scripts/gpu-vllm.sh pack      results, logs and the store into $OUT
 set -euo pipefail
@@ -58,30 +59,33 @@ PY
     ls "$work"/*.yaml
     ;;
 start)
+    # Training processes generate their own checkpoint evaluations with HF's plain path (bounded memory: the fast
+    # path sizes its cache from free memory, which starved a neighbour process of the first run); those evaluations
+    # are not the measured ones.
     : > "$work/timings.txt"
     setsid bash -c "
-        export CUDA_VISIBLE_DEVICES=0
-        HARNESS_GPU_TEST_MODEL=$model timed gpu-tests python3 -m pytest -m gpu tests/unit/test_engines.py -q -p no:cacheprovider
-        timed bench-8b python3 -m harness.cli.main bench --model llama-3.1-8b --prompts 1024 --batch 512 \
-            --max-new-tokens 256 --decoding both --vllm --json $work/bench-8b.json
-        timed bench-1b python3 -m harness.cli.main bench --model llama-3.2-1b --prompts 1024 --batch 512 \
-            --max-new-tokens 256 --decoding both --vllm --json $work/bench-1b.json
-        while [ ! -f $work/trained ]; do sleep 5; done
+        export CUDA_VISIBLE_DEVICES=0 HARNESS_FAST_GENERATION=0 HARNESS_PROMOT_MICRO_BATCH=4
+        for fmt in prose list json; do
+            timed train-promot-\$fmt python3 -m harness.cli.main run $work/train-promot-\$fmt.yaml &
+            sleep 20
+        done
+        wait
+        echo done > $work/trained-promot
+        while [ ! -f $work/trained-sft ]; do sleep 2; done
+        unset HARNESS_FAST_GENERATION
         timed evaluate-hf python3 -m harness.cli.main evaluate $work/evaluate-hf.yaml
         timed agreement python3 benchmarks/vllm_workload.py agreement --study $study --out $work/agreement.json
-        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
+        HARNESS_GPU_TEST_MODEL=$model timed gpu-tests python3 -m pytest -m gpu tests/unit/test_engines.py -q -p no:cacheprovider
         echo done > $work/lane0-done" < /dev/null > /dev/null 2>&1 &
     setsid bash -c "
         export CUDA_VISIBLE_DEVICES=1
-        (HARNESS_VLLM_GPU_MEMORY=0.2 timed train-sft python3 -m harness.cli.main run $work/train-sft.yaml ||
-             timed train-sft-hf python3 -m harness.cli.main run $work/train-sft-hf.yaml;
-         timed train-promot-json python3 -m harness.cli.main run $work/train-promot-json.yaml) &
-        (sleep 30; timed train-promot-prose python3 -m harness.cli.main run $work/train-promot-prose.yaml) &
-        (sleep 60; timed train-promot-list python3 -m harness.cli.main run $work/train-promot-list.yaml) &
-        wait
-        echo done > $work/trained
+        timed train-sft python3 -m harness.cli.main run $work/train-sft-hf.yaml
+        echo done > $work/trained-sft
+        while [ ! -f $work/trained-promot ]; do sleep 2; done
         timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
-        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
+        timed bench-8b python3 -m harness.cli.main bench --model llama-3.1-8b --prompts 1024 --batch 512 \
+            --max-new-tokens 256 --decoding both --vllm --json $work/bench-8b.json
+        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
         echo done > $work/lane1-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started
     ;;
