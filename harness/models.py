@@ -507,36 +507,3 @@ def unload_adapter(model: Any) -> Any:
         return model.unload()
     return model
 
-
-def merged_weights(base_model: Any, adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every weight of `base_model` under its Hugging Face name, with the LoRA adapter in `adapter_dir` merged in
-    (W + scale·B·A, summed in fp32 and cast back to W's dtype): what a weight-loading engine (vLLM,
-    harness/generation/vllm_engine.py) is given for a checkpoint.
-
-    The adapter is injected into `base_model` in place only long enough to read each layer's delta, then taken out
-    again (`unload`, not merge), so the caller's base model is left as it was; no second copy of the model is made.
-    Weights the adapter does not touch are the base model's own tensors (not copies): do not modify the result.
-    """
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise HarnessError(f"adapter directory {str(adapter_dir)!r} has no adapter_config.json")
-    if getattr(base_model, "is_quantized", False):
-        raise HarnessError("a 4-bit model's adapter cannot be merged into its weights; evaluate it with eval.engine: hf")
-    weights = {name: tensor.detach() for name, tensor in base_model.state_dict().items()}
-    peft_model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name="merge")
-    try:
-        with torch.no_grad():
-            for name, module in peft_model.base_model.model.named_modules():
-                if isinstance(module, LoraLayer) and "merge" in module.lora_A:
-                    key = f"{name}.weight"
-                    base = module.get_base_layer().weight
-                    if key not in weights:
-                        raise HarnessError(f"adapter {adapter_dir} changes {key}, which the base model does not have")
-                    delta = module.get_delta_weight("merge")
-                    weights[key] = (base.float() + delta.float()).to(base.dtype)
-    finally:
-        peft_model.unload()  # the LoRA layers come out again: `base_model` is as it was
-    return weights

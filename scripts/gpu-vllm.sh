@@ -7,7 +7,7 @@
 #        GPU 0: Study B seed 0's three ProMoT arms side by side; once everything is trained, `harness evaluate` with
 #               eval.engine: hf (timed), the greedy agreement (measurement 3), the `gpu` tests on the 1.5B
 #        GPU 1: the SFT arms (and the base model); then `harness evaluate` with eval.engine: vllm (timed), beside the
-#               HF one on the other GPU; `harness bench --vllm` on the 8B architecture (measurement 1); multi-LoRA
+#               HF one on the other GPU, and once more with vLLM's compile cache warm; `harness bench --vllm` on the 8B architecture (measurement 1); multi-LoRA
 #               (measurement 2's third arm)
 #        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
 #        (A first machine ran SFT with eval.engine: vllm beside two ProMoT processes on one GPU: vLLM found no memory
@@ -54,6 +54,7 @@ for fmt in ("prose", "list", "json"):
          evaluate_base=False)
 dump("evaluate-hf", engine="hf", seed=3)
 dump("evaluate-vllm", engine="vllm", seed=1)
+dump("evaluate-vllm-warm", engine="vllm", seed=4)  # again, with vLLM's compile cache warm
 dump("evaluate-plain", engine="hf", seed=2)
 PY
     ls "$work"/*.yaml
@@ -83,6 +84,7 @@ start)
         echo done > $work/trained-sft
         while [ ! -f $work/trained-promot ]; do sleep 2; done
         timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
+        timed evaluate-vllm-warm python3 -m harness.cli.main evaluate $work/evaluate-vllm-warm.yaml
         timed bench-8b python3 -m harness.cli.main bench --model llama-3.1-8b --prompts 1024 --batch 512 \
             --max-new-tokens 256 --decoding both --vllm --json $work/bench-8b.json
         timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json

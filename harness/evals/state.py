@@ -14,8 +14,8 @@ selection makes new generations and evaluations beside the old ones (`harness.se
 the study records which selection is current). The model is loaded only when something must be generated.
 
 Generation goes through a flat request list (harness/generation/requests.py) to the study's engine
-(`eval.engine`, harness/generation/engines.py): HF `generate` on the opened model, or one vLLM engine fed the
-state's merged weights. Every generation run is tagged `harness.engine`; an engine other than HF is also part of
+(`eval.engine`, harness/generation/engines.py): HF `generate` on the opened model, or one vLLM engine on the base
+weights serving the state's adapter. Every generation run is tagged `harness.engine`; an engine other than HF is also part of
 its identity.
 """
 
@@ -36,7 +36,7 @@ from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
 from harness.errors import HarnessError
 from harness.generation.cache import CacheScope
-from harness.generation.engines import engine_cache_key, generate_hf, generate_loaded, resolve_engine
+from harness.generation.engines import engine_cache_key, generate_hf, resolve_engine
 from harness.generation.requests import assign_results, build_requests
 from tracking import RunHandle, Tracker
 from tracking.schema import Kind, Tag
@@ -50,13 +50,13 @@ ModelOpener = Callable[[], AbstractContextManager]
 @dataclass
 class ModelState:
     """A model state either engine can generate from. Called, it is a `ModelOpener` (the HF engine's view: the model
-    with its adapter). `weights()` is the view of an engine that holds one set of weights (vLLM): a context manager
-    yielding (cache state id, the state's full HF-named weights or None for the base the engine holds, a function
-    giving the base weights to put back afterwards or None). A plain `ModelOpener` (ProMoT's soft prompt, which
-    vLLM is not fed) is generated with HF whatever the study's engine, and recorded so."""
+    with its adapter). `adapter()` is the view of an engine that holds the base model and serves adapters (vLLM): a
+    context manager yielding (cache state id, the state's LoRA adapter directory, or None for the base). A plain
+    `ModelOpener` (ProMoT's soft prompt, which vLLM is not fed) is generated with HF whatever the study's engine, and
+    recorded so."""
 
     open: ModelOpener
-    weights: Callable[[], AbstractContextManager] | None = None
+    adapter: Callable[[], AbstractContextManager] | None = None
 
     def __call__(self) -> AbstractContextManager:
         return self.open()
@@ -135,23 +135,23 @@ class StateEvaluator:
         # One engine for the whole evaluation step, decided (and an impossible `vllm` refused) before any run exists.
         self.engine = resolve_engine(setup.cfg.eval.engine, quantized=setup.cfg.train.quantize_4bit)
         self.engine_factory: Callable[[], object] = self.default_engine
-        """Makes the weight-loading engine on first use (tests put a stand-in here: vLLM needs a GPU)."""
-        self._loaded_engine = None
+        """Makes the adapter-serving engine on first use (tests put a stand-in here: vLLM needs a GPU)."""
+        self._serving_engine = None
 
     def default_engine(self):
         from harness.generation.vllm_engine import engine_for
 
         return engine_for(self.setup.cfg)
 
-    def weight_engine(self):
-        """The study's weight-loading engine, made once and reused by every state."""
-        if self._loaded_engine is None:
-            self._loaded_engine = self.engine_factory()
-        return self._loaded_engine
+    def serving_engine(self):
+        """The study's adapter-serving engine, made once and reused by every state."""
+        if self._serving_engine is None:
+            self._serving_engine = self.engine_factory()
+        return self._serving_engine
 
     def state_engine(self, open_model) -> str:
         """The engine this state is generated with: the study's, unless only HF can open the state."""
-        return self.engine if getattr(open_model, "weights", None) is not None else "hf"
+        return self.engine if getattr(open_model, "adapter", None) is not None else "hf"
 
     def current_selection(self, score_formats: list[str]) -> dict[str, str]:
         """Benchmark → selection hash of the current config's prompts."""
@@ -264,7 +264,7 @@ class StateEvaluator:
         if not needed:
             return {}
         if needed[0].engine != "hf":
-            return self.generate_loaded(parent_id, unit, tags, needed, open_model)
+            return self.generate_served(parent_id, unit, tags, needed, open_model)
         responses: dict[str, list[str]] = {}
         with open_model() as (model, cache_state):
             cache = self.setup_cache(cache_state)
@@ -278,13 +278,13 @@ class StateEvaluator:
                         self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
         return responses
 
-    def generate_loaded(self, parent_id: str, unit: dict, tags: dict, needed: list[PlannedGeneration],
+    def generate_served(self, parent_id: str, unit: dict, tags: dict, needed: list[PlannedGeneration],
                         state: ModelState) -> dict[str, list[str]]:
-        """A weight-loading engine (vLLM) on one state: every missing record's requests in one `generate` call with
-        the state's weights loaded, the base weights put back, the engine put to sleep (the GPU is free for
-        training until the next state). Replies found in the generation cache are not generated again."""
+        """An adapter-serving engine (vLLM) on one state: every missing record's requests in one `generate` call with
+        the state's adapter, then the engine put to sleep (the GPU is free for training until the next state).
+        Replies found in the generation cache are not generated again."""
         responses: dict[str, list[str]] = {}
-        with state.weights() as (cache_state, weights, restore):
+        with state.adapter() as (cache_state, adapter):
             cache = self.setup_cache(cache_state)
             requests = build_requests(needed, self.tokenizer)
             keys = {}
@@ -297,8 +297,8 @@ class StateEvaluator:
                         responses[generation.config_hash] = cached
             todo = [request for request in requests if request.key[0] not in responses]
             if todo:
-                engine = self.weight_engine()
-                made = assign_results(needed, todo, generate_loaded(engine, todo, weights, restore))
+                engine = self.serving_engine()
+                made = assign_results(needed, todo, engine.generate(todo, adapter))
                 for digest, texts in made.items():
                     if cache is not None:
                         cache.cache.put(keys[digest], texts)

@@ -3,9 +3,13 @@
 Two engines, one request list (harness/generation/requests.py):
 - `hf`: transformers `generate` (its CUDA fast path where it applies) on the model with the checkpoint's adapter,
   one call per (decoding, repeat) group, batched and seeded exactly as the evaluation always did;
-- `vllm`: one running vLLM engine per study (harness/generation/vllm_engine.py) holding the base weights; for a
-  fine-tuned state the adapter is merged into the weights and loaded into it, every request of the state is
-  generated in one call, and the base weights are put back.
+- `vllm`: one running vLLM engine per study (harness/generation/vllm_engine.py) on the base weights; a fine-tuned
+  state's adapter is served as a LoRA adapter of that engine, and every request of the state is one call.
+
+Why the adapter is served and not merged into the weights: merging a LoRA update into bfloat16 weights rounds most
+of it away (a paper-LR update is far below bf16's 2^-8 relative step), and it measurably changed the results: on the
+H200, Study B's SFT states scored keyword ASR 0.10–0.17 lower from merged weights than from the adapter
+(benchmarks/RESULTS.md, "vLLM"). A served adapter computes x·A·B beside x·W, as PEFT does.
 
 Why one engine per evaluation step, recorded: two engines sample differently (and differ in float noise even when
 greedy), so the engine is part of each generation's identity and its `harness.engine` tag; responses of two
@@ -16,7 +20,8 @@ extra); CPU, CI and the quickstart stay on HF.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from harness.errors import HarnessError
@@ -26,12 +31,11 @@ from harness.generation.requests import GenerationRequest, groups
 ENGINES = ("hf", "vllm")
 
 
-class WeightLoadingEngine(Protocol):
-    """What the evaluation asks of an engine that holds one set of weights (VLLMEngine, or a test's stand-in)."""
+class AdapterServingEngine(Protocol):
+    """What the evaluation asks of an engine that holds the base model and serves adapters (VLLMEngine, or a test's
+    stand-in): every request of one state in one call, with the state's adapter directory (None: the base)."""
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]: ...
-
-    def load_weights(self, named_tensors: Any) -> None: ...
+    def generate(self, requests: Sequence[GenerationRequest], adapter: Path | None = None) -> list[str]: ...
 
     def sleep(self) -> None: ...
 
@@ -49,15 +53,15 @@ def vllm_unavailable() -> str | None:
 
 def resolve_engine(setting: str, *, quantized: bool = False) -> str:
     """`eval.engine` -> 'hf' or 'vllm'. 'auto' is vllm only where it can run; an explicit 'vllm' that cannot is a
-    one-line error naming eval.engine. A 4-bit base (train.quantize_4bit) stays on HF: its adapters cannot be
-    merged into the weights vLLM holds."""
+    one-line error naming eval.engine. A 4-bit base (train.quantize_4bit) stays on HF: its adapters were trained on
+    4-bit weights, and vLLM would serve them on the bf16 ones."""
     if setting == "hf":
         return "hf"
     if setting not in ("vllm", "auto"):
         raise HarnessError(f"eval.engine: {setting!r} is not one of hf, vllm, auto")
     reason = vllm_unavailable()
     if reason is None and quantized:
-        reason = "train.quantize_4bit is on (a 4-bit model's adapters cannot be merged into vLLM's weights)"
+        reason = "train.quantize_4bit is on (its adapters were trained on 4-bit weights; vLLM would serve them on bf16)"
     if reason is None:
         return "vllm"
     if setting == "auto":
@@ -80,22 +84,8 @@ def generate_hf(model: Any, tokenizer: Any, requests: Sequence[GenerationRequest
         yield group, texts
 
 
-def generate_loaded(engine: WeightLoadingEngine, requests: Sequence[GenerationRequest], weights: Any,
-                    restore: Callable[[], Any] | None) -> list[str]:
-    """A weight-loading engine on one model state: load `weights` (None: the base weights the engine holds), generate
-    every request in one call, and load `restore()` (the base weights) again afterwards, also when generating fails,
-    so the next state starts from the base."""
-    try:
-        if weights is not None:
-            engine.load_weights(weights)
-        return list(engine.generate(list(requests)))
-    finally:
-        if weights is not None and restore is not None:
-            engine.load_weights(restore())
-
-
 def engine_cache_key(cache: Any, requests: Sequence[GenerationRequest], engine: str) -> str:
-    """The generation cache's key for one generation's replies from a weight-loading engine: the model state (the
+    """The generation cache's key for one generation's replies from an adapter-serving engine: the model state (the
     scope), every prompt's ids, the sampling settings, each request's seed, and the engine. (HF entries are keyed per
     batch by `generate_from_ids` and carry no engine field, so existing HF caches stay valid and never collide.)"""
     first = requests[0]

@@ -1,16 +1,18 @@
-"""The vLLM engine (`eval.engine: vllm`): one running `vllm.LLM` per study's base model, fed merged weights per state.
+"""The vLLM engine (`eval.engine: vllm`): one running `vllm.LLM` per study's base model, each checkpoint's adapter
+served as a LoRA adapter of it.
 
-Why weights and not vLLM's LoRA support: measured on the H200 (../shared/gpu/VLLM.md), vLLM's multi-LoRA kernels
-halve its throughput, so serving the epoch checkpoints as adapters is no faster than the harness's own engine;
-loading a checkpoint's merged weights into the running engine (`apply_model(load_weights)`, 0.03 s for an 8B
-model, the way TRL's colocate mode does it) keeps vLLM's full speed. The engine runs in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tensors reach the model by reference, not through a pipe.
+Why served and not merged: the first design loaded each checkpoint's merged weights into the running engine
+(`apply_model(load_weights)`, as TRL's colocate mode does). On the H200 that cost Study B's SFT states 0.10–0.17 of
+keyword ASR against HF with the adapter (benchmarks/RESULTS.md, "vLLM"): in bfloat16 a paper-LR LoRA update is
+mostly below the weights' rounding step, so merging rounds it away. A served adapter adds x·A·B beside x·W, as
+PEFT does. `load_weights` stays for `harness bench` (random weights, no adapter).
 
-Sleep mode: between states the engine sleeps (level 1: weights to host memory, KV cache freed), so a fine-tune
-that trains after an evaluation has the GPU; the next `generate` or `load_weights` wakes it.
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Sleep mode: between states the engine sleeps
+(level 1: weights to host memory, KV cache freed), so a fine-tune that trains after an evaluation has the GPU; the
+next `generate` wakes it.
 
 vLLM is imported only when an engine is made: CPU machines and CI never import it. Everything here that does not
-need vLLM (`sampling_settings`) is a plain function the CPU tests check.
+need vLLM (`sampling_settings`, `lora_rank_limit`) is a plain function the CPU tests check.
 """
 
 from __future__ import annotations
@@ -56,15 +58,32 @@ def gpu_memory_utilization() -> float:
     return value
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM's `max_lora_rank` accepts."""
+
+
+def lora_rank_limit(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that serves adapters of `rank` (a one-line error above its largest)."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise HarnessError(f"train.lora.r: {rank} is above the largest LoRA rank vLLM serves ({VLLM_LORA_RANKS[-1]}); "
+                       "set eval.engine: hf")
+
+
 class VLLMEngine:
-    """A running vLLM engine on one base model: `generate(requests)`, `load_weights(named tensors)`, `restore_base()`,
-    `sleep()`, `close()`."""
+    """A running vLLM engine on one base model: `generate(requests, adapter)`, `load_weights(named tensors)`,
+    `sleep()`, `close()`. With `max_lora_rank` it serves LoRA adapters up to that rank, one per call."""
 
     def __init__(self, model_path: str | Path, *, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, max_model_len: int | None = None,
-                 seed: int = 0, revision: str | None = None, **engine_args: Any):
+                 seed: int = 0, revision: str | None = None, max_lora_rank: int | None = None, **engine_args: Any):
         """`engine_args` go to `vllm.LLM` as they are (`harness bench` passes `load_format="dummy"` and
         `skip_tokenizer_init=True` for an architecture with random weights)."""
+        if max_lora_rank is not None:
+            engine_args.update(enable_lora=True, max_lora_rank=lora_rank_limit(max_lora_rank))
+            engine_args.setdefault("max_loras", 1)  # one state per call
+        self.adapter_ids: dict[str, int] = {}
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: apply_model sees our tensors
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # the sampler would import flashinfer (VLLM.md)
         import torch
@@ -93,47 +112,52 @@ class VLLMEngine:
                             f"{GPU_MEMORY_VARIABLE} (the share vLLM takes) if training or the judges need more, "
                             "raise it if vLLM itself needs more, or set eval.engine: hf")
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+    def generate(self, requests: Sequence[GenerationRequest], adapter: str | Path | None = None) -> list[str]:
         """Every request's reply, in the requests' order, from one `LLM.generate` call (fed token ids, so the prompt
-        is exactly the HF path's)."""
+        is exactly the HF path's), with the LoRA adapter in the directory `adapter` (None: the base model)."""
         outputs = self._generate([list(request.prompt_ids) for request in requests],
-                                 [sampling_settings(request) for request in requests])
+                                 [sampling_settings(request) for request in requests], self.lora_request(adapter))
         return [output.outputs[0].text.strip() for output in outputs]
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]]) -> list[list[int]]:
-        """Each prompt's new token ids under its `SamplingParams` arguments (`harness bench`: no text needed)."""
-        return [list(output.outputs[0].token_ids) for output in self._generate(prompts, settings)]
+    def lora_request(self, adapter: str | Path | None) -> Any:
+        """vLLM's handle on an adapter directory: one integer id per directory and version of its files (vLLM caches
+        adapters by id, so a directory is read once, and one rewritten since gets a new id)."""
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
 
-    def _generate(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]]) -> list[Any]:
+        path = str(Path(adapter).resolve())
+        version = [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(Path(path).glob("adapter_*"))]
+        number = self.adapter_ids.setdefault(f"{path}|{version}", len(self.adapter_ids) + 1)
+        return LoRARequest(f"adapter-{number}", number, path)
+
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]],
+                        adapter: str | Path | None = None) -> list[list[int]]:
+        """Each prompt's new token ids under its `SamplingParams` arguments (`harness bench`: no text needed)."""
+        outputs = self._generate(prompts, settings, self.lora_request(adapter))
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
+    def _generate(self, prompts: Sequence[Sequence[int]], settings: Sequence[dict[str, Any]],
+                  lora_request: Any = None) -> list[Any]:
         import torch
         from vllm import SamplingParams
 
         self.wake()
         try:
             return self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompts],
-                                     [SamplingParams(**options) for options in settings], use_tqdm=True)
+                                     [SamplingParams(**options) for options in settings], use_tqdm=True,
+                                     lora_request=lora_request)
         except torch.OutOfMemoryError as error:
             raise self._memory_error(error) from None
 
     def load_weights(self, named_tensors: dict[str, Any] | Iterable[tuple[str, Any]]) -> None:
         """Copy HF-named tensors into the running model (vLLM's own `load_weights` maps names and fuses q/k/v and
-        gate/up), then drop the prefix cache: KV computed under the old weights must not serve the new ones."""
+        gate/up), then drop the prefix cache: KV computed under the old weights must not serve the new ones.
+        (`harness bench`: the HF model's random weights; not for adapters, see the module's docstring.)"""
         items = list(named_tensors.items()) if isinstance(named_tensors, dict) else list(named_tensors)
         self.wake()
         self.llm.apply_model(lambda model: model.load_weights(items))
         self.llm.reset_prefix_cache()
-
-    def restore_base(self) -> None:
-        """The base model's weights from its files again (for callers without an HF copy of the base in memory)."""
-        from safetensors.torch import load_file
-
-        folder = Path(self.model_path)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(self.model_path, revision=self.revision, allow_patterns=["*.safetensors"]))
-        for path in sorted(folder.glob("*.safetensors")):
-            self.load_weights(load_file(str(path)))
 
     def sleep(self) -> None:
         """Free the GPU for training or judges: weights to host memory, KV cache dropped (vLLM sleep level 1)."""
@@ -178,9 +202,10 @@ def shared_engine(model_path: str | Path, **settings: Any) -> VLLMEngine:
 
 
 def engine_for(cfg: Any) -> VLLMEngine:
-    """The engine for a study's base model (`model:` resolved to its local directory or hub id)."""
+    """The engine for a study's base model (`model:` resolved to its local directory or hub id), serving adapters of
+    the study's LoRA rank."""
     from harness.models import resolve_model
 
     source = resolve_model(cfg.model)
     return shared_engine(source.location, revision=source.revision, seed=cfg.eval.seed,
-                         gpu_memory_utilization=gpu_memory_utilization())
+                         gpu_memory_utilization=gpu_memory_utilization(), max_lora_rank=cfg.train.lora.r)

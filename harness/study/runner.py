@@ -28,7 +28,7 @@ from harness.judges.registry import JudgeModels, build_judge
 from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
 from harness.evals.metrics import task_metrics
-from harness.models import (load_adapter, load_model, merge_for_evaluation, merged_weights, model_digest, resolve_model,
+from harness.models import (load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model,
                             unload_adapter)
 from tracking import RunHandle, Tracker, resolve_tracking_uri
 from tracking.datasets import TRAINING, file_record, registry_records
@@ -402,11 +402,10 @@ class ExperimentRunner:
                 gc.collect()
 
         @contextmanager
-        def adapter_weights():
-            """The same state for a weight-loading engine (vLLM): the adapter merged into the base weights, and the
-            base weights to put back (harness/evals/state.py, ModelState)."""
-            state = adapter_state()
-            yield state, merged_weights(self.eval_model, adapter_path), self.eval_model.state_dict
+        def served_adapter():
+            """The same state for an adapter-serving engine (vLLM): the adapter's directory (harness/evals/state.py,
+            ModelState)."""
+            yield adapter_state(), adapter_path
 
         @contextmanager
         def with_prompt():
@@ -415,7 +414,7 @@ class ExperimentRunner:
                 yield (promot.SoftPromptedLM(model, prompt.embeddings, trainable=False),
                        f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
 
-        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], ModelState(adapter, adapter_weights))
+        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], ModelState(adapter, served_adapter))
         if soft_prompt() is not None:
             self.evaluate(run_id, {**ckpt_unit, "soft_prompt": True}, {**ckpt_tags, "soft_prompt": True},
                           (f"{method}+prompt", key, seed, epoch), [key], with_prompt)
@@ -432,10 +431,10 @@ class ExperimentRunner:
             yield self.eval_model, self.base_state()
 
         @contextmanager
-        def base_weights():  # a weight-loading engine starts from the base weights: nothing to load or put back
-            yield self.base_state(), None, None
+        def base_served():  # an adapter-serving engine holds the base model: no adapter
+            yield self.base_state(), None
 
-        base_model = ModelState(base_model, base_weights)
+        base_model = ModelState(base_model, base_served)
 
         if done is not None:
             self.evaluate(done.info.run_id, unit, tags, ("base", "-", None, 0), cfg.data.formats, base_model)
