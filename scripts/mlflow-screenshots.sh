@@ -8,8 +8,8 @@
 #
 #   scripts/mlflow-screenshots.sh [STORE_DB] [STUDY] [OUT_DIR]
 #
-# STORE_DB defaults to the quickstart's mlruns/mlflow.db (made with `make quickstart` when there is none), STUDY
-# to quickstart, OUT_DIR to docs/results/mlflow-ui. Needs Debian's chromium (`apt-get install chromium`). The
+# STORE_DB defaults to mlruns/mlflow.db (made with `make quickstart-plumbing` when there is none: every part of the
+# pipeline, validation loss included, which the screenshots show), STUDY to quickstart_plumbing, OUT_DIR to docs/results/mlflow-ui. Needs Debian's chromium (`apt-get install chromium`). The
 # server is started on a free local port, read only by the browser, and stopped on exit; each PNG is kept under
 # 400 KB (reduced to 256 colours when larger). MLflow 3.17's UI opens in its GenAI view unless its sidebar switch
 # says Model training; the URLs say so with `workflowType=machine_learning`, as that switch does.
@@ -17,7 +17,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 STORE=${1:-mlruns/mlflow.db}
-STUDY=${2:-quickstart}
+STUDY=${2:-quickstart_plumbing}
 OUT=${3:-docs/results/mlflow-ui}
 PY=${PYTHON:-.venv/bin/python}
 MLFLOW=${MLFLOW:-$(dirname "$PY")/mlflow}
@@ -26,8 +26,8 @@ CHROMIUM=${CHROMIUM:-$(command -v chromium || command -v chromium-browser || tru
 
 if [ ! -f "$STORE" ]; then
     [ "$STORE" = mlruns/mlflow.db ] || { echo "error: no tracking store at $STORE" >&2; exit 2; }
-    echo "no quickstart store yet: making one (make quickstart)" >&2
-    make quickstart
+    echo "no store yet: making one (make quickstart-plumbing)" >&2
+    make quickstart-plumbing
 fi
 STORE=$(cd "$(dirname "$STORE")" && pwd)/$(basename "$STORE")
 mkdir -p "$OUT"

@@ -20,10 +20,11 @@ console = Console()
 
 def print_summary(rows, headline: tuple[str, str] | None = None) -> None:
     """The summary table. With `headline` (judge, reason), its first metric column, ASR, is that judge's ASR
-    (`asr_<judge>`), and a line above says whose and why; every judge's own `asr_<judge>` column stays beside it."""
-    metric_names = sorted({name for row in rows for name in row.metrics})
+    (`asr_<judge>`), the next its 95% bootstrap interval, and a line above says whose and why; every judge's own
+    `asr_<judge>` column stays beside it (intervals only for the headline judge, to keep the table narrow)."""
+    metric_names = sorted({name for row in rows for name in row.metrics if not name.endswith(("_ci_low", "_ci_high"))})
     judge = headline[0] if headline else None
-    columns = (["ASR"] if judge else []) + metric_names
+    columns = (["ASR", "ASR 95% CI"] if judge else []) + metric_names
     table = Table(title="Summary (first decoding setting, repeat 0)")
     for column in ("method", "format", "seed", "epoch", *columns):
         table.add_column(column, justify="right" if column not in ("method", "format") else "left", overflow="fold")
@@ -31,7 +32,10 @@ def print_summary(rows, headline: tuple[str, str] | None = None) -> None:
         metrics = dict(row.metrics)
         if f"asr_{judge}" in metrics:
             metrics["ASR"] = metrics[f"asr_{judge}"]
-        values = [f"{metrics[name]:.3f}" if name in metrics else "" for name in columns]
+        low, high = metrics.get(f"asr_{judge}_ci_low"), metrics.get(f"asr_{judge}_ci_high")
+        interval = f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+        values = [interval if name == "ASR 95% CI" else f"{metrics[name]:.3f}" if name in metrics else ""
+                  for name in columns]
         table.add_row(row.method, row.format, "" if row.seed is None else str(row.seed), str(row.epoch), *values)
     if headline:
         print(f"ASR = the headline judge's: {headline[1]}")

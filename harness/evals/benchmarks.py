@@ -60,6 +60,13 @@ def judge_id(judge) -> str:
     return f"{judge.name}:{judge.version}"
 
 
+def asr_interval(judge_name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """A judge's ASR interval as summary columns (`asr_<judge>_ci_low`, `_ci_high`), when its metrics have one:
+    the summary prints it beside the headline ASR, so a before/after difference can be read against it."""
+    ends = (("ci_low", Metric.ASR_CI_LOW), ("ci_high", Metric.ASR_CI_HIGH))
+    return {f"asr_{judge_name}_{end}": metrics[key] for end, key in ends if key in metrics}
+
+
 class Benchmark:
     """A prompt set and its scorings (module doc). `applies` says whether a study evaluates it."""
 
@@ -95,7 +102,8 @@ class HarmfulMix(Benchmark):
             Scoring(judge.name, {"judge": judge_id(judge)},
                     {Tag.JUDGE: judge_id(judge), **setup.judge_validation.get(judge.name, {})},
                     lambda responses, seed, judge=judge: judge_safety(setup.data.harmful, responses, judge, seed=seed),
-                    lambda metrics, judge=judge: {f"asr_{judge.name}": metrics[Metric.ASR]}, panel=True)
+                    lambda metrics, judge=judge: {f"asr_{judge.name}": metrics[Metric.ASR],
+                                                  **asr_interval(judge.name, metrics)}, panel=True)
             for judge in setup.judges
         ]
         if setup.toxicity is not None:

@@ -129,6 +129,21 @@ def test_summary_asr_column_is_the_headline_judges(capsys, judge, expected):
     assert [row["asr_llm"] for row in table] == ["0.700", "0.900"]
 
 
+def test_summary_prints_the_headline_judges_interval(capsys):
+    """Before and after are read against the headline judge's 95% interval (`asr_<judge>_ci_low/high`, from
+    `benchmarks.asr_interval`), in a column of its own; the bounds are no columns of their own."""
+    from harness.evals.benchmarks import asr_interval
+
+    base = {"asr_keyword": 0.333, **asr_interval("keyword", {"asr": 0.333, "asr_ci_low": 0.208, "asr_ci_high": 0.479}),
+            "asr_llm": 0.7, "asr_llm_ci_low": 0.5, "asr_llm_ci_high": 0.9}
+    rows = [SummaryRow("base", "-", None, 0, base), SummaryRow("sft", "json", 0, 1, {"asr_keyword": 0.771})]
+    print_summary(rows, ("keyword", "keyword (first judge)"))
+    table = table_rows(capsys.readouterr().out)
+    assert [row["ASR"] for row in table] == ["0.333", "0.771"]
+    assert [row["ASR 95% CI"] for row in table] == ["[0.21, 0.48]", ""]  # a row without an interval: blank
+    assert not any(name.endswith(("_ci_low", "_ci_high")) for name in table[0])
+
+
 # -- the runner records it on the study --------------------------------------------------------------------------
 
 

@@ -211,7 +211,7 @@ def test_missing_template_is_one_line_error(tmp_path):
 
 
 def test_packaged_template_found_by_name_from_any_directory(tmp_path, monkeypatch):
-    """The quickstart names `harm_judge_short.txt`; it must load when run from outside the repository."""
+    """The plumbing quickstart names `harm_judge_short.txt`; it must load when run from outside the repository."""
     monkeypatch.chdir(tmp_path)
     short = (DEFAULT_TEMPLATE.parent / "harm_judge_short.txt").read_text()
     assert LLMJudge(FakeComplete([]), template_path="harm_judge_short.txt").template == short
