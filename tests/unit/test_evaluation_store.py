@@ -64,7 +64,8 @@ def test_a_judge_added_reads_stored_responses_without_opening_the_model(tmp_path
     study = Study(tmp_path, tokenizer)
     counts, headline = study.evaluate([KeywordJudge()])
     assert study.opened == 1 and counts["generations_new"] == 1 and counts["evaluations_new"] == 1
-    assert set(headline) == {"asr_keyword"}
+    assert set(headline) == {"asr_keyword", "asr_keyword_ci_low", "asr_keyword_ci_high"}  # the summary's ASR and CI
+    assert headline["asr_keyword_ci_low"] <= headline["asr_keyword"] <= headline["asr_keyword_ci_high"]
     stored = study.runs("generation")[0]
 
     counts, headline = study.evaluate([KeywordJudge(), yes_judge()])
