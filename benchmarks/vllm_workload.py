@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import mlflow
-import torch
 
+from harness.bench import explain_difference
 from harness.generation.batched import prompt_ids, prompt_text
 from harness.models import load_adapter, load_model, resolve_model, unload_adapter
 
@@ -64,10 +64,6 @@ def greedy_generations(client, state: dict) -> dict[tuple[str, str, str], tuple[
     return found
 
 
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def agreement(study: str, model_spec: str, limit_gaps: int) -> dict:
     client = mlflow.MlflowClient()
     model, tokenizer = load_model(model_spec)
@@ -92,18 +88,13 @@ def agreement(study: str, model_spec: str, limit_gaps: int) -> dict:
                 if len(row["gaps"]) >= limit_gaps:
                     continue
                 context = prompt_ids(tokenizer, prompt_text(tokenizer, [{"role": "user", "content": prompt}]))
-                hf_tokens = tokenizer(a, add_special_tokens=False)["input_ids"]
-                vllm_tokens = tokenizer(b, add_special_tokens=False)["input_ids"]
-                at = first_difference(hf_tokens, vllm_tokens)
-                if at >= min(len(hf_tokens), len(vllm_tokens)):  # one is a prefix of the other: an EOS choice
-                    row["gaps"].append({"position": at, "kind": "length", "logit_gap": None})
-                    continue
-                with torch.inference_mode():
-                    ids = torch.tensor([context + hf_tokens[:at]], device=model.device)
-                    logits = net(input_ids=ids).logits[0, -1].float()
-                gap = (logits[hf_tokens[at]] - logits[vllm_tokens[at]]).item()
-                row["gaps"].append({"position": at, "kind": "token", "logit_gap": round(gap, 4),
-                                    "hf_rank1": bool(logits.argmax().item() == hf_tokens[at])})
+                difference = explain_difference(net, context, tokenizer(a, add_special_tokens=False)["input_ids"],
+                                                tokenizer(b, add_special_tokens=False)["input_ids"])
+                if difference["plain_token"] is None:  # one is a prefix of the other: an EOS choice
+                    row["gaps"].append({"position": difference["position"], "kind": "length", "logit_gap": None})
+                else:
+                    row["gaps"].append({"position": difference["position"], "kind": "token",
+                                        "logit_gap": difference["logit_gap"]})
         if state["adapter"]:
             model = unload_adapter(net)
         token_gaps = sorted(abs(g["logit_gap"]) for g in row["gaps"] if g["logit_gap"] is not None)

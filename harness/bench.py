@@ -275,7 +275,7 @@ def bench_generation(
             if len(batches) > 1:  # the noise floor: plain against itself at another batch size
                 other = outputs["plain", decoding, batches[1]]
                 row["plain_vs_plain_identical"] = sum(a == b for a, b in zip(reference, other))
-            differences = [_explain_difference(net, prompt_ids[i], reference[i], fast[i])
+            differences = [explain_difference(net, prompt_ids[i], reference[i], fast[i])
                            for i in range(len(reference)) if reference[i] != fast[i]][:32]
             if differences:
                 row["largest_gap_at_divergence"] = max(abs(d["logit_gap"]) for d in differences)
@@ -303,8 +303,8 @@ def bench_vllm(net: Any, model: str, tokenizer: Any, prompt_ids: list[list[int]]
     """vLLM on the same prompts and reply lengths, through the engine the evaluation uses (VLLMEngine).
 
     A random-weights architecture starts from its config with dummy weights and is then given the HF model's own
-    random weights through `load_weights` (the call the evaluation makes per checkpoint), so its greedy replies can
-    be compared with plain `generate`'s; a real model loads its directory. Engine start-up (weights, torch.compile,
+    random weights through `load_weights`, so its greedy replies can be compared with plain `generate`'s; a real
+    model loads its directory. Engine start-up (weights, torch.compile,
     CUDA graphs) is reported apart: it is paid once per evaluation step, not per state. Each sampled request has its
     own seed, as in the evaluation."""
     import tempfile
@@ -349,7 +349,7 @@ def bench_vllm(net: Any, model: str, tokenizer: Any, prompt_ids: list[list[int]]
             if decoding == "greedy":
                 reference = plain[decoding]
                 run["greedy_identical_to_plain"] = sum(a == b for a, b in zip(reference, replies))
-                gaps = [_explain_difference(net, prompt_ids[i], reference[i], replies[i])
+                gaps = [explain_difference(net, prompt_ids[i], reference[i], replies[i])
                         for i in range(len(reference)) if reference[i] != replies[i]][:32]
                 if gaps:
                     run["largest_gap_at_divergence"] = max(abs(d["logit_gap"]) for d in gaps)
@@ -361,7 +361,7 @@ def bench_vllm(net: Any, model: str, tokenizer: Any, prompt_ids: list[list[int]]
             "gpu_memory_utilization": engine.gpu_memory_utilization, "runs": runs}
 
 
-def _explain_difference(model: Any, prompt: list[int], plain: list[int], fast: list[int]) -> dict[str, Any]:
+def explain_difference(model: Any, prompt: list[int], plain: list[int], fast: list[int]) -> dict[str, Any]:
     """Where two greedy replies part, and by how much the plain path's choice led there (its logit gap).
 
     A gap of the size of the dtype's rounding (bfloat16: ~0.01–0.1 on these logits) is a near-tie that

@@ -5,7 +5,8 @@
 #     bash scripts/gpu-vllm.sh setup     install (vLLM too), unpack the data, start MLflow, convert the model once
 #     bash scripts/gpu-vllm.sh start     in the background, two lanes, one per GPU:
 #        GPU 0: Study B seed 0's three ProMoT arms side by side; once everything is trained, `harness evaluate` with
-#               eval.engine: hf (timed), the greedy agreement (measurement 3), the `gpu` tests on the 1.5B
+#               eval.engine: hf (timed), the greedy agreement (measurement 3), the `gpu` tests on the 1.5B, then
+#               `harness evaluate` with HF's plain `generate` (HARNESS_FAST_GENERATION=0, timed)
 #        GPU 1: the SFT arms (and the base model); then `harness evaluate` with eval.engine: vllm (timed), beside the
 #               HF one on the other GPU, and once more with vLLM's compile cache warm; `harness bench --vllm` on the 8B architecture (measurement 1); multi-LoRA
 #               (measurement 2's third arm)
@@ -47,8 +48,7 @@ def dump(name, *, train=None, data=None, **evaluation):
     out = {**one, "train": {**one["train"], **(train or {})}, "data": {**one["data"], **(data or {})},
            "eval": {**one["eval"], "cache": False, **evaluation}}
     yaml.safe_dump(out, open(f"{work}/{name}.yaml", "w"), sort_keys=False)
-dump("train-sft", train={"methods": ["sft"]}, engine="vllm")
-dump("train-sft-hf", train={"methods": ["sft"]}, engine="hf")  # only if the vLLM one fails
+dump("train-sft", train={"methods": ["sft"]}, engine="hf")
 for fmt in ("prose", "list", "json"):
     dump(f"train-promot-{fmt}", train={"methods": ["promot"]}, data={"formats": [fmt]}, engine="hf",
          evaluate_base=False)
@@ -77,10 +77,11 @@ start)
         timed evaluate-hf python3 -m harness.cli.main evaluate $work/evaluate-hf.yaml
         timed agreement python3 benchmarks/vllm_workload.py agreement --study $study --out $work/agreement.json
         HARNESS_GPU_TEST_MODEL=$model timed gpu-tests python3 -m pytest -m gpu tests/unit/test_engines.py -q -p no:cacheprovider
+        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
         echo done > $work/lane0-done" < /dev/null > /dev/null 2>&1 &
     setsid bash -c "
         export CUDA_VISIBLE_DEVICES=1
-        timed train-sft python3 -m harness.cli.main run $work/train-sft-hf.yaml
+        timed train-sft python3 -m harness.cli.main run $work/train-sft.yaml
         echo done > $work/trained-sft
         while [ ! -f $work/trained-promot ]; do sleep 2; done
         timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml

@@ -36,7 +36,7 @@ from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
 from harness.errors import HarnessError
 from harness.generation.cache import CacheScope
-from harness.generation.engines import engine_cache_key, generate_hf, resolve_engine
+from harness.generation.engines import AdapterServingEngine, engine_cache_key, generate_hf, resolve_engine
 from harness.generation.requests import assign_results, build_requests
 from tracking import RunHandle, Tracker
 from tracking.schema import Kind, Tag
@@ -134,7 +134,7 @@ class StateEvaluator:
         self.benchmarks = active_benchmarks(setup)
         # One engine for the whole evaluation step, decided (and an impossible `vllm` refused) before any run exists.
         self.engine = resolve_engine(setup.cfg.eval.engine, quantized=setup.cfg.train.quantize_4bit)
-        self.engine_factory: Callable[[], object] = self.default_engine
+        self.engine_factory: Callable[[], AdapterServingEngine] = self.default_engine
         """Makes the adapter-serving engine on first use (tests put a stand-in here: vLLM needs a GPU)."""
         self._serving_engine = None
 
@@ -143,7 +143,7 @@ class StateEvaluator:
 
         return engine_for(self.setup.cfg)
 
-    def serving_engine(self):
+    def serving_engine(self) -> AdapterServingEngine:
         """The study's adapter-serving engine, made once and reused by every state."""
         if self._serving_engine is None:
             self._serving_engine = self.engine_factory()

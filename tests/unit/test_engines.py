@@ -6,7 +6,6 @@ stands a small recording engine in for vLLM (the one stand-in: vLLM cannot run o
 the runner's model states, the adapters on disk, the request list, the MLflow store — is the real code.
 """
 
-import copy
 import os
 from contextlib import contextmanager
 from pathlib import Path
