@@ -493,6 +493,20 @@ def load_adapter(model: Any, adapter_dir: str | os.PathLike, *, merged_copy: boo
     return peft_model
 
 
+def weights_description(model: Any) -> str:
+    """What the base weights are, for the `harness.base_weights` tag on every run: `bfloat16`/`float32`, or
+    `nf4 (bitsandbytes X, double quantisation, compute bfloat16)` for a 4-bit QLoRA base. A 4-bit base is never
+    merged (an adapter stays a PEFT layer over the quantised weights) and its replies differ from the bf16
+    model's, so the tag says which weights every number came from."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if getattr(model, "is_loaded_in_4bit", False) and config is not None:
+        read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        compute = str(read("bnb_4bit_compute_dtype") or "").removeprefix("torch.")
+        double = "double quantisation" if read("bnb_4bit_use_double_quant") else "single quantisation"
+        return f"{read('bnb_4bit_quant_type')} (bitsandbytes {_version('bitsandbytes')}, {double}, compute {compute})"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def merge_for_evaluation(model: Any) -> bool:
     """Whether evaluation should use merged copies (`load_adapter(merged_copy=True)`): a CPU, full-precision model."""
     parameter = next(model.parameters())

@@ -78,6 +78,9 @@ class Tag(StrEnum):
     PROMOT_PRECISION = "promot_precision"
     PROMOT_ATTENTION = "promot_attention"
     PROMOT_MICRO_BATCH = "promot_micro_batch"
+    BASE_WEIGHTS = "base_weights"
+    """What the base model's weights were in this invocation (`harness.models.weights_description`): `bfloat16`,
+    `float32`, or `nf4 (bitsandbytes …)` when `train.quantize_4bit` loaded them 4-bit (QLoRA); on every run."""
     ADAPTER_PATH = "adapter_path"
     ADAPTER_MERGED = "adapter_merged"
     PROMPT_DIR = "prompt_dir"
@@ -213,6 +216,12 @@ class Metric(StrEnum):
     TRAIN_LOSS_CONTENT = "train_loss_content"
     """Loss on the procedure's own tokens (the format transform's tokens left out)."""
     EVAL_LOSS = "eval_loss"
+    TRAIN_RUNTIME = "train_runtime"
+    """Seconds the Trainer's `train()` took in this attempt (its own `train_runtime`), on every fine-tune/stage run."""
+    TRAIN_TOKENS_PER_SECOND = "train_tokens_per_second"
+    """Real (non-padding) input tokens trained on per second of `train_runtime`."""
+    PEAK_GPU_MEMORY = "peak_gpu_memory_gib"
+    """The process's peak allocated GPU memory during training, GiB (CUDA only)."""
 
 
 def tag_filter(**tags: object) -> str:

@@ -27,9 +27,10 @@ from harness.judges.validation import headline_judge, latest_validation, validat
 from harness.judges.registry import JudgeModels, build_judge
 from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
+from harness.generation.fast import unsupported_reason as fast_generation_unsupported
 from harness.evals.metrics import task_metrics
 from harness.models import (load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model,
-                            unload_adapter)
+                            unload_adapter, weights_description)
 from tracking import RunHandle, Tracker, resolve_tracking_uri
 from tracking.datasets import TRAINING, file_record, registry_records
 from tracking.schema import HARMFUL_MIX, SCHEMA_VERSION, WIKIHOW, XSTEST_SAFE, XSTEST_UNSAFE, ExperimentTag, Kind, Tag
@@ -177,8 +178,12 @@ class ExperimentRunner:
         self.prepare_toxicity()
         self.tracker = Tracker(cfg.name, cfg.tracking.uri)
         dropped = {name: count for name, count in sorted(data.DROPPED_ROWS.items()) if count}
-        self.tracker.run_tags = {**runtime.current().tags(),
+        self.tracker.run_tags = {**runtime.current().tags(), Tag.BASE_WEIGHTS.key: weights_description(self.eval_model),
                                  Tag.ROWS_DROPPED.key: ",".join(f"{name}:{n}" for name, n in dropped.items()) or "none"}
+        if self.tracker.run_tags[Tag.FAST_GENERATION.key] == "on":  # switched on, but this model may not take it
+            unsupported = fast_generation_unsupported(self.eval_model)  # e.g. "quantized weights" (QLoRA)
+            if unsupported is not None:
+                self.tracker.run_tags[Tag.FAST_GENERATION.key] = f"off: {unsupported}"
         self.tracker.set_experiment_tag(ExperimentTag.SCHEMA_VERSION, str(SCHEMA_VERSION))
         self.check_dataset_drift()
         self.tracker.evaluation_inputs = evaluation_datasets(cfg)
@@ -247,8 +252,13 @@ class ExperimentRunner:
             self.tracker.set_experiment_tag(ExperimentTag.DATASET_CHECKSUMS, json.dumps(merged, sort_keys=True))
 
     def base_unit(self) -> dict:
-        """The resolved config that identifies the base model's evaluation unit."""
-        return {"model": self.cfg.model, "model_digest": model_digest(self.model_source), "method": "base", "epoch": 0}
+        """The resolved config that identifies the base model's evaluation unit. A 4-bit base (QLoRA) generates
+        other replies than the bf16 one, so it is another unit; the key is absent otherwise, which keeps the
+        base units of existing studies."""
+        unit = {"model": self.cfg.model, "model_digest": model_digest(self.model_source), "method": "base", "epoch": 0}
+        if self.cfg.train.quantize_4bit:
+            unit["quantize_4bit"] = True
+        return unit
 
     def finetune_unit(self, fmt: str, method: str, seed: int) -> dict:
         """`fmt` is a training-set key (a format in Study B, a dataset in Study A); its identity is in the hash."""

@@ -33,7 +33,7 @@ from harness.errors import HarnessError
 from harness.training.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.training.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.seeding import seed_everything
-from harness.training.sft import MlflowStepLogger, lora_config, user_message
+from harness.training.sft import TRAINER_SPEED_ARGUMENTS, MlflowStepLogger, lora_config, user_message
 from tracking import RunHandle
 from tracking.schema import Tag
 
@@ -260,6 +260,7 @@ def _arguments(output_dir: Path, *, learning_rate, lr_scheduler, warmup_steps, b
         report_to="none",
         dataloader_num_workers=0,
         use_cpu=not on_gpu,
+        **TRAINER_SPEED_ARGUMENTS,
     )
 
 

@@ -59,7 +59,9 @@ class MlflowStepLogger(TrainerCallback):
     """Sends the Trainer's per-step logs to the fine-tune run under the harness's metric names."""
 
     RENAME = {"loss": Metric.TRAIN_LOSS, "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-              "eval_loss": Metric.EVAL_LOSS}
+              "eval_loss": Metric.EVAL_LOSS,
+              # the Trainer's end-of-training speed (TRAINER_SPEED_ARGUMENTS: real tokens, not padding)
+              "train_runtime": Metric.TRAIN_RUNTIME, "train_tokens_per_second": Metric.TRAIN_TOKENS_PER_SECOND}
     # Format-vs-content losses (harness.training.loss_classes) keep their names.
     RENAME.update({name: name for name in (
         Metric.TRAIN_LOSS_FORMAT, Metric.TRAIN_LOSS_CONTENT, "train_tokens_format", "train_tokens_content",
@@ -73,6 +75,18 @@ class MlflowStepLogger(TrainerCallback):
         self.logged_through = {}
         if run.resumed:
             self.logged_through = {name: run.last_step(name) for name in set(self.RENAME.values())}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """The process's peak GPU memory over the training (what a card must hold: the weights, 4-bit or not, the
+        optimizer state and the activations, plus whatever else the process keeps loaded, such as the runner's
+        evaluation copy of the base model), so that QLoRA and bf16 LoRA compare on the runs themselves."""
+        if torch.cuda.is_available():
+            self.run.log_metrics({Metric.PEAK_GPU_MEMORY: torch.cuda.max_memory_allocated() / 2**30},
+                                 step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {self.RENAME[key]: value for key, value in (logs or {}).items() if key in self.RENAME}
@@ -89,6 +103,11 @@ class MlflowStepLogger(TrainerCallback):
                                        "longer finite, so this fine-tune is stopped")
         if Metric.TRAIN_LOSS in metrics:
             faults.reached("train_step")
+
+
+TRAINER_SPEED_ARGUMENTS = {"include_num_input_tokens_seen": "non_padding"}
+"""Makes the Trainer count the real (non-padding) input tokens it trains on, so the fine-tune run gets
+`train_tokens_per_second` at the end (MlflowStepLogger): QLoRA and LoRA on bf16 weights compare by it."""
 
 
 def resolve_optimizer(requested: str) -> tuple[str, str]:
@@ -160,6 +179,7 @@ def train_sft(
         gradient_checkpointing=cfg.gradient_checkpointing,
         report_to="none",
         dataloader_num_workers=0,
+        **TRAINER_SPEED_ARGUMENTS,
         use_cpu=not on_gpu,
         **{**(FAST_TRAINING_ARGUMENTS if fast else {}), **({"optim": optim} if optim != "adamw_torch" else {})},
     )

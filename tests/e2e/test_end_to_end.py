@@ -12,6 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 import shared_store
+from harness.config import TrainConfig
 from helpers import of_kind, run_cli, tag
 from shared_store import (
     BATCH_SIZE, EPOCHS, FORMATS, HARMFUL_SOURCES, JUDGES, METHODS, SHARED_STUDY, TRAIN_SIZE, XSTEST_SAFE, XSTEST_UNSAFE,
@@ -55,6 +56,11 @@ def test_one_finetune_per_format_with_falling_loss(study):
         assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{tag(run, 'format')}: loss did not fall: {losses}"
         for metric in ("learning_rate", "grad_norm", "eval_loss"):
             assert client.get_metric_history(run.info.run_id, metric), metric
+        # The Trainer's own speed over the real (non-padding) tokens: at most the rows' tokens over the runtime.
+        runtime, rate = run.data.metrics["train_runtime"], run.data.metrics["train_tokens_per_second"]
+        assert runtime > 0 and 0 < rate * runtime <= TRAIN_SIZE * EPOCHS * TrainConfig().max_length
+        assert "peak_gpu_memory_gib" not in run.data.metrics  # CPU: no GPU memory to report
+        assert tag(run, "base_weights") == "float32"  # CPU loads float32; QLoRA would say nf4 (bitsandbytes ...)
         assert run.data.params["train.lora.r"] == "16"
         assert tag(run, "config_hash") and tag(run, "git_commit")
 

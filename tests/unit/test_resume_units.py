@@ -207,7 +207,9 @@ def test_rows_a_study_dropped_are_recorded_on_its_runs(data_copy, tmp_path):
     runner.prepare()
     with runner.tracker.run("report", "probe", {}) as run:
         pass
-    assert runner.tracker.client.get_run(run.run_id).data.tags["harness.rows_dropped"] == "advbench:1"
+    tags = runner.tracker.client.get_run(run.run_id).data.tags
+    assert tags["harness.rows_dropped"] == "advbench:1"
+    assert tags["harness.base_weights"] == "float32"  # what every run's numbers came from (CPU: float32)
 
 
 def test_changed_dataset_is_an_error_unless_a_new_version_is_asked_for(data_copy, tmp_path):
@@ -331,3 +333,20 @@ def test_a_fine_tunes_identity_is_its_method_and_settings_not_the_studys_other_m
     assert sft_hash(methods=["sft", "promot"], promot={"prompt_length": 8}) == alone
     assert sft_hash(optimizer="adamw_bnb_8bit") != alone
     assert sft_hash(learning_rate=1e-4) != alone
+
+
+def test_a_4bit_base_is_its_own_unit_and_a_bf16_base_keeps_its_identity():
+    """QLoRA's 4-bit base replies differently from the bf16 one: its evaluation must not be found finished because
+    the bf16 base was; a study without 4-bit keeps the base unit it always had (no new key)."""
+    from harness.config import parse_config
+    from harness.models import model_digest, resolve_model
+    from harness.study.runner import ExperimentRunner
+
+    def base_unit(**train):
+        runner = ExperimentRunner(parse_config({"name": "x", "model": "smollm2-135m-instruct", "train": train}))
+        runner.model_source = resolve_model("smollm2-135m-instruct")
+        return runner.base_unit()
+
+    digest = model_digest(resolve_model("smollm2-135m-instruct"))
+    assert base_unit() == {"model": "smollm2-135m-instruct", "model_digest": digest, "method": "base", "epoch": 0}
+    assert base_unit(quantize_4bit=True) == {**base_unit(), "quantize_4bit": True}
