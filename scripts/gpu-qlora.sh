@@ -10,7 +10,11 @@
 #        2. Study B's JSON SFT arm, seeds 0 and 1, as QLoRA (experiments/study_b_qwen1.5b_qlora.yaml, with its
 #           4-bit base), then the same arm on bf16 weights (experiments/study_b_qwen1.5b.yaml: the base and SFT JSON
 #           only), each alone in turn; beside step 2's start, the `gpu` tests of tests/unit/test_qlora_gpu.py;
-#        3. QLoRA prose and list at seed 0 (the format ordering), as far as the device time goes.
+#        3. QLoRA prose and list at seed 0 (the format ordering), as far as the device time goes; beside it, the
+#           `gpu` tests again (on 2026-12-01 the first run had found two test bugs, fixed by then) and the 8B
+#           benchmark with its arms reversed (the first arm of a process measured slower in both orders).
+#     After keep_adapter_in_float32 (QLoRA adapters in float32, not TRL's bfloat16) the QLoRA units are new ones:
+#     `harness run $work/qlora-json.yaml` retrains and re-evaluates them beside the bf16 arm already in the store.
 #        Evaluations take HF's plain path (HARNESS_FAST_GENERATION=0): the fast path sizes its cache from free
 #        memory, which starves a neighbour; a 4-bit model takes the plain path anyway.
 #     bash scripts/gpu-qlora.sh wait N   follow the logs for up to N seconds
@@ -65,7 +69,14 @@ start)
         timed bf16-json python3 -m harness.cli.main run $work/bf16-json.yaml
         wait
         echo done > $work/main-done
+        (HARNESS_GPU_TEST_MODEL=$model timed gpu-tests-2 python3 -m pytest -m gpu tests/unit/test_qlora_gpu.py \
+            -q -p no:cacheprovider
+         timed train-8b-reversed python3 benchmarks/train_sft.py --model llama-3.1-8b --arms qlora,on --rows 640 \
+            --batch 16 --grad-accum 2 --gradient-checkpointing --data-dir $work/shared/data \
+            --tokenizer $work/smol-tokenizer --weights-dir $work/llama-8b-random2 --json $work/train-8b-reversed.json
+         rm -rf $work/llama-8b-random2) &
         timed qlora-formats python3 -m harness.cli.main run $work/qlora-formats.yaml
+        wait
         echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started
     ;;

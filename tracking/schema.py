@@ -83,6 +83,9 @@ class Tag(StrEnum):
     `float32`, or `nf4 (bitsandbytes …)` when `train.quantize_4bit` loaded them 4-bit (QLoRA); on every run."""
     ADAPTER_PATH = "adapter_path"
     ADAPTER_MERGED = "adapter_merged"
+    ADAPTER_DTYPE = "adapter_dtype"
+    """The dtype the LoRA weights trained in (`float32`; TRL alone would give a 4-bit base bfloat16 adapters, whose
+    small updates round away: harness/training/sft.py, keep_adapter_in_float32). SFT fine-tune and ProMoT stage-2 runs."""
     PROMPT_DIR = "prompt_dir"
     PROMPT_SHA256 = "prompt_sha256"
     PROMPT_SOURCE = "prompt_source"

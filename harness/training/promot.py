@@ -33,7 +33,8 @@ from harness.errors import HarnessError
 from harness.training.loss_classes import ClassCollator, ClassLossMixin, class_dataset, pad_token_id
 from harness.training.checkpoints import EpochCheckpoint, epoch_checkpoints, resume_point
 from harness.seeding import seed_everything
-from harness.training.sft import TRAINER_SPEED_ARGUMENTS, MlflowStepLogger, lora_config, user_message
+from harness.training.sft import (TRAINER_SPEED_ARGUMENTS, MlflowStepLogger, keep_adapter_in_float32, lora_config,
+                                  user_message)
 from tracking import RunHandle
 from tracking.schema import Tag
 
@@ -337,6 +338,7 @@ def train_stage2(
     # adapter depended on what the process ran before (a rerun that reuses stage 1 trained another one).
     seed_everything(seed)
     peft_model = get_peft_model(model, lora_config(cfg))
+    run.set_tags({Tag.ADAPTER_DTYPE.key: keep_adapter_in_float32(peft_model)})  # PEFT's float32 already, as SFT's
     wrapped = SoftPromptedLM(peft_model, prompt.embeddings, trainable=False)
     args = _arguments(
         output_dir, learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,

@@ -124,6 +124,25 @@ def resolve_optimizer(requested: str) -> tuple[str, str]:
     return "adamw_bnb_8bit", "adamw_bnb_8bit"
 
 
+def keep_adapter_in_float32(model) -> str:
+    """Trainable (LoRA) parameters back to float32 before the optimizer exists; returns their dtype for the
+    `harness.adapter_dtype` tag.
+
+    TRL's SFTTrainer casts a 4-bit model's LoRA weights to bfloat16 (the QLoRA paper's recipe, at its LR 2e-4), and
+    AdamW then updates them in bfloat16. At Study B's 5e-5 most of lora_A's updates are below half a bf16 step and
+    round away: simulated over Study B's 90 steps, 46% of lora_A's entries never moved and its update reached 0.68
+    of the float32 one (0.95 at 2e-4). On the H200 the QLoRA JSON arm trained that way eroded less than the bf16
+    arm (docs/results/study_b_qlora_qwen2.5-coder-1.5b.md). PEFT keeps float32 adapters over a bf16 base, so
+    float32 here leaves the base weights as the one difference between QLoRA and LoRA."""
+    dtypes = set()
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+            dtypes.add(str(parameter.dtype).removeprefix("torch."))
+    return ",".join(sorted(dtypes)) or "none"
+
+
 def lora_config(cfg: TrainConfig) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=cfg.lora.r,
@@ -202,6 +221,7 @@ def train_sft(
             peft_config=lora_config(cfg),
             callbacks=[MlflowStepLogger(run)],
         )
+        run.set_tags({Tag.ADAPTER_DTYPE.key: keep_adapter_in_float32(trainer.model)})
         trainer.train(resume_from_checkpoint=resume_point(output_dir, run.resumed))  # None: from step 0
     finally:
         tokenizer.padding_side = padding_side

@@ -61,6 +61,7 @@ def test_one_finetune_per_format_with_falling_loss(study):
         assert runtime > 0 and 0 < rate * runtime <= TRAIN_SIZE * EPOCHS * TrainConfig().max_length
         assert "peak_gpu_memory_gib" not in run.data.metrics  # CPU: no GPU memory to report
         assert tag(run, "base_weights") == "float32"  # CPU loads float32; QLoRA would say nf4 (bitsandbytes ...)
+        assert tag(run, "adapter_dtype") == "float32"
         assert run.data.params["train.lora.r"] == "16"
         assert tag(run, "config_hash") and tag(run, "git_commit")
 

@@ -241,3 +241,21 @@ def test_fast_training_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("HARNESS_FAST_TRAINING", "1")
     assert fast_training.fast_training_unavailable() == "not on CUDA"
+
+
+def test_lora_weights_go_back_to_float32_and_the_frozen_base_stays(smollm2_tokenizer, make_tiny_llama):
+    """TRL gives a 4-bit model's LoRA weights bfloat16, where Study B's LR 5e-5 updates round away; the harness puts
+    them back to float32 before the optimizer exists (bitsandbytes itself is GPU-only: test_qlora_gpu.py)."""
+    from peft import get_peft_model
+
+    from harness.config import TrainConfig
+    from harness.training.sft import keep_adapter_in_float32, lora_config
+
+    model = get_peft_model(make_tiny_llama(smollm2_tokenizer).to(torch.bfloat16), lora_config(TrainConfig()))
+    for parameter in model.parameters():  # what SFTTrainer does to a quantised model's adapter
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.bfloat16)
+    assert keep_adapter_in_float32(model) == "float32"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)

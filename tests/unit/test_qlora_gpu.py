@@ -25,6 +25,18 @@ pytestmark = [
 ]
 
 
+def tensor_dtypes(value):
+    """Every tensor's dtype in a nested optimizer state (dicts, lists)."""
+    if torch.is_tensor(value):
+        yield value.dtype
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensor_dtypes(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensor_dtypes(item)
+
+
 def test_the_model_loader_gives_nf4_weights_with_double_quantisation_and_bf16_compute():
     import bitsandbytes as bnb
 
@@ -45,7 +57,7 @@ def test_the_model_loader_gives_nf4_weights_with_double_quantisation_and_bf16_co
     assert model.get_memory_footprint() < 0.6 * bf16.get_memory_footprint()
 
 
-def test_qlora_sft_with_8bit_adamw_through_harness_run(tmp_path):
+def test_qlora_sft_with_8bit_adamw_through_harness_run(tmp_path, monkeypatch):
     """`harness run` with train.quantize_4bit and train.optimizer adamw_bnb_8bit: the fine-tune trains on the 4-bit
     base with bitsandbytes' 8-bit AdamW (its optimizer state is uint8), the checkpoint is evaluated with the adapter
     on the 4-bit base (never merged), and every run says which weights it came from."""
@@ -58,21 +70,30 @@ def test_qlora_sft_with_8bit_adamw_through_harness_run(tmp_path):
         "eval": {"engine": "auto", "batch_size": 16, "decoding": [{"temperature": 0, "max_new_tokens": 32}],
                  "judges": [{"name": "keyword"}], "xstest": None},
     }
+    monkeypatch.delenv("HARNESS_FAST_GENERATION", raising=False)  # the tag must name the model's reason
     _, client, runs = run_study(tmp_path, study)
     [finetune] = of_kind(runs, "finetune")
     nf4 = tag(finetune, "base_weights")
     assert nf4.startswith("nf4 (bitsandbytes ") and "double quantisation, compute bfloat16" in nf4
     assert tag(finetune, "optimizer") == "adamw_bnb_8bit"
+    assert tag(finetune, "adapter_dtype") == "float32"  # not TRL's bfloat16 for 4-bit bases
     assert finetune.data.params["train.quantize_4bit"] == "True"
     losses = [point.value for point in client.get_metric_history(finetune.info.run_id, "train_loss")]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)  # 32 rows / (4 x 2) a step
     assert finetune.data.metrics["peak_gpu_memory_gib"] > 0 and finetune.data.metrics["train_tokens_per_second"] > 0
 
-    # 8-bit AdamW really ran: bitsandbytes keeps its moments as uint8 in the optimizer state the Trainer saved.
+    # 8-bit AdamW really ran: bitsandbytes keeps its moments as uint8 in the optimizer state the Trainer saved
+    # (bitsandbytes 0.50 nests each parameter's state under "__bnb_optimizer_quant_state__").
     [saved] = glob.glob(str(Path(tag(finetune, "output_dir")) / "checkpoint-*" / "optimizer.pt"))
     state = torch.load(saved, map_location="cpu", weights_only=False)["state"]
-    dtypes = {value.dtype for entry in state.values() for value in entry.values() if torch.is_tensor(value)}
+    assert state, "the saved optimizer has no state"
+    dtypes = set(tensor_dtypes(state))
     assert torch.uint8 in dtypes, f"optimizer state dtypes {dtypes}: not 8-bit AdamW"
+
+    from safetensors.torch import load_file
+
+    [adapter] = glob.glob(str(Path(tag(finetune, "output_dir")) / "checkpoint-*" / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in load_file(adapter).values()} == {torch.float32}
 
     checkpoints = of_kind(runs, "checkpoint")
     [trained] = [run for run in checkpoints if tag(run, "method") == "sft"]

@@ -350,3 +350,21 @@ def test_a_4bit_base_is_its_own_unit_and_a_bf16_base_keeps_its_identity():
     digest = model_digest(resolve_model("smollm2-135m-instruct"))
     assert base_unit() == {"model": "smollm2-135m-instruct", "model_digest": digest, "method": "base", "epoch": 0}
     assert base_unit(quantize_4bit=True) == {**base_unit(), "quantize_4bit": True}
+
+
+def test_a_qlora_fine_tune_names_its_float32_adapters_and_a_bf16_one_keeps_its_identity():
+    """QLoRA fine-tunes trained before the adapters stayed float32 (TRL's bfloat16) are other units than today's;
+    a fine-tune on bf16 weights keeps the unit it always had."""
+    from harness.config import parse_config
+    from harness.models import resolve_model
+    from harness.study.runner import ExperimentRunner, PreparedData
+
+    def unit(**train):
+        runner = ExperimentRunner(parse_config({"name": "x", "model": "smollm2-135m-instruct", "train": train}))
+        runner.model_source = resolve_model("smollm2-135m-instruct")
+        runner.data = PreparedData({}, {}, {}, [], {}, set_identity={"json": {"task": "wikihow", "format": "json"}})
+        return runner.finetune_unit("json", "sft", 0)
+
+    assert "adapter_dtype" not in unit()
+    qlora = unit(quantize_4bit=True)
+    assert qlora["adapter_dtype"] == "float32" and qlora["train"]["quantize_4bit"] is True
