@@ -26,14 +26,7 @@ export PYTHONPATH=/root/site:$PWD HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFL
 export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=5
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 model=qwen2.5-coder-1.5b-instruct
-timed() {  # timed NAME COMMAND...: its log in $work/NAME.log, its wall-clock seconds appended to $work/timings.txt
-    local name=$1 start rc=0; shift
-    start=$(date +%s%N)
-    "$@" > "$work/$name.log" 2>&1 || rc=$?
-    echo "$name rc=$rc seconds=$(( ($(date +%s%N) - start) / 1000000 ))e-3" >> "$work/timings.txt"
-    return $rc
-}
-export -f timed
+source scripts/gpu-lanes.sh  # timed, follow_lanes, pack_lanes
 case "${1:-}" in
 setup)
     bash scripts/gpu-study-b.sh setup
@@ -81,19 +74,10 @@ start)
     sleep 3; echo started
     ;;
 wait)
-    end=$(( $(date +%s) + ${2:-60} ))
-    while [ "$(date +%s)" -lt "$end" ] && [ ! -f "$work/${3:-main}-done" ]; do sleep 10; done
-    cat "$work/timings.txt"
-    for f in "$work"/*.log; do echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 4; done
-    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+    follow_lanes "${2:-60}" "${3:-main}-done"
     ;;
 pack)
-    mkdir -p "$OUT"
-    cp "$work"/timings.txt "$work"/*.json "$OUT"/ 2>/dev/null || true
-    python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-        "$work/mlflow.db" "$work/mlflow-copy.db"
-    tar czf "$OUT/store-and-logs.tgz" -C "$work" mlflow-copy.db $(cd "$work" && ls *.log *.yaml)
-    ls -la "$OUT"
+    pack_lanes
     ;;
 *) echo "usage: bash scripts/gpu-qlora.sh setup|start|wait N [main|all]|pack" >&2; exit 2 ;;
 esac

@@ -23,14 +23,7 @@ export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 VLLM_USE_FLASHINFER_SAMPLER=0 V
 export VLLM_NO_USAGE_STATS=1 HARNESS_PROMOT_MICRO_BATCH=${HARNESS_PROMOT_MICRO_BATCH:-8} TOKENIZERS_PARALLELISM=false
 model=qwen2.5-coder-1.5b-instruct
 study=study_b_qwen1.5b
-timed() {  # timed NAME COMMAND...: its log in $work/NAME.log, its wall-clock seconds appended to $work/timings.txt
-    local name=$1 start rc=0; shift
-    start=$(date +%s%N)
-    "$@" > "$work/$name.log" 2>&1 || rc=$?
-    echo "$name rc=$rc seconds=$(( ($(date +%s%N) - start) / 1000000 ))e-3" >> "$work/timings.txt"
-    return $rc
-}
-export -f timed
+source scripts/gpu-lanes.sh  # timed, follow_lanes, pack_lanes
 case "${1:-}" in
 setup)
     bash scripts/gpu-study-b.sh setup
@@ -93,19 +86,10 @@ start)
     sleep 3; echo started
     ;;
 wait)
-    end=$(( $(date +%s) + ${2:-60} ))
-    while [ "$(date +%s)" -lt "$end" ] && ! { [ -f "$work/lane0-done" ] && [ -f "$work/lane1-done" ]; }; do sleep 10; done
-    cat "$work/timings.txt"
-    for f in "$work"/*.log; do echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 4; done
-    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+    follow_lanes "${2:-60}" lane0-done lane1-done
     ;;
 pack)
-    mkdir -p "$OUT"
-    cp "$work"/timings.txt "$work"/*.json "$OUT"/ 2>/dev/null || true
-    python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-        "$work/mlflow.db" "$work/mlflow-copy.db"
-    tar czf "$OUT/store-and-logs.tgz" -C "$work" mlflow-copy.db $(cd "$work" && ls *.log *.yaml)
-    ls -la "$OUT"
+    pack_lanes
     ;;
 *) echo "usage: bash scripts/gpu-vllm.sh setup|start|wait N|pack" >&2; exit 2 ;;
 esac
