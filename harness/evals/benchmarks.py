@@ -57,7 +57,10 @@ class Scoring:
 
 
 def judge_id(judge) -> str:
-    return f"{judge.name}:{judge.version}"
+    """`name:version`, and `@vllm` for a local judge model served by vLLM (judges/vllm_server.py): its verdicts come
+    from another engine than the same judge's on HF, so they are kept apart."""
+    served_by = getattr(judge, "served_by", None)
+    return f"{judge.name}:{judge.version}" + (f"@{served_by}" if served_by else "")
 
 
 def asr_interval(judge_name: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -773,12 +773,31 @@ class LocalJudgeModels(Protocol):
 class JudgeModels:
     """Local judge models for `build_judge`: each (model, 4-bit) loaded once, when a judge first needs it, and
     shared by every judge that names it; with a generation cache, a judge's answers are cached under its
-    model's digest (a rerun that re-judges stored responses asks the model nothing new)."""
+    model's digest (a rerun that re-judges stored responses asks the model nothing new).
 
-    def __init__(self, batch_size: int, cache=None):
+    With `serve_generation` (the evaluation generates with vLLM), a judge that writes its answer is asked through a
+    vLLM server of its model instead (`served_endpoint`, harness/judges/vllm_server.py)."""
+
+    def __init__(self, batch_size: int, cache=None, *, serve_generation: bool = False,
+                 server_log_dir: Path | None = None, server_program: list[str] | None = None):
         self.batch_size = batch_size
         self.cache = cache
         self.loaded: dict[tuple[str, bool], tuple] = {}
+        self.serve_generation = serve_generation
+        self.server_log_dir = Path(server_log_dir or ".")
+        self.server_program = server_program
+
+    def served_endpoint(self, settings) -> ChatEndpoint | None:
+        """A `ChatEndpoint` on a vLLM server of the judge's model (started on first use and shared by every judge and
+        runner of this process that names the model), or None when judges run on HF here."""
+        if not self.serve_generation:
+            return None
+        from harness.judges.vllm_server import shared_server
+
+        server = shared_server(settings.model, log_dir=self.server_log_dir, quantize_4bit=settings.quantize_4bit,
+                               program=self.server_program)
+        return ChatEndpoint(server.base_url, server.served_name, max_tokens=settings.max_new_tokens,
+                            timeout=600.0, concurrency=min(64, max(4, self.batch_size)))
 
     def load(self, model: str, quantize_4bit: bool) -> tuple:
         from harness.models import load_model
@@ -825,6 +844,12 @@ def build_judge(settings, local_models: LocalJudgeModels | None = None) -> Judge
         return kind.build(settings.model_copy(update={"model": served}), complete)
     if local_models is None:
         raise HarnessError(f"judge '{settings.name}' needs a local model, and none can be loaded here")
+    serve = getattr(local_models, "served_endpoint", None)
+    endpoint = serve(settings) if serve is not None and not kind.reads_labels else None
+    if endpoint is not None:  # a judge that writes its answer, on a vLLM server of its model
+        judge = kind.build(settings, endpoint)
+        judge.served_by = "vllm"
+        return judge
     if kind.reads_labels:
         return kind.build(settings, local_models.reader(settings.model, quantize_4bit=settings.quantize_4bit,
                                                         name=settings.name))

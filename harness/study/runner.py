@@ -27,6 +27,7 @@ from harness.judges.validation import headline_judge, latest_validation, validat
 from harness.judges.registry import JudgeModels, build_judge
 from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
+from harness.generation.engines import resolve_engine
 from harness.generation.fast import unsupported_reason as fast_generation_unsupported
 from harness.evals.metrics import task_metrics
 from harness.models import (load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model,
@@ -167,7 +168,11 @@ class ExperimentRunner:
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
         self.cache = GenerationCache(Path(cfg.output_dir) / "cache" / "generations.sqlite") if cfg.eval.cache else None
-        judge_models = JudgeModels(cfg.eval.batch_size, self.cache)  # a judge model is loaded now: bad ones fail early
+        # A judge model is loaded (or its vLLM server started) now: bad ones fail early. Where the evaluation
+        # generates with vLLM, judges that write their answer are served by vLLM too (judges/vllm_server.py).
+        judge_models = JudgeModels(cfg.eval.batch_size, self.cache,
+                                   serve_generation=resolve_engine(cfg.eval.engine, quantized=cfg.train.quantize_4bit)
+                                   == "vllm", server_log_dir=Path(cfg.output_dir) / "logs")
         self.judges = [build_judge(settings, judge_models) for settings in cfg.eval.judges]
         # Over-refusal is judged once per refusal family (keyword detection serves every harm judge).
         self.refusal_judges = list({judge.name: judge for judge in map(refusal_judge, self.judges)}.values())

@@ -1,0 +1,84 @@
+"""Judges served by vLLM where the evaluation generates with vLLM (issue 22; harness/judges/vllm_server.py).
+
+vLLM cannot run on a CPU, so its OpenAI-compatible server is stood in for by tests/stand_ins/vllm_openai_server.py:
+a child process that takes the same arguments (an unknown one fails, as in vLLM) and speaks the same protocol
+(/health, /v1/chat/completions). Everything else is the real code: the process's start, health wait and stop, the
+judge registry, the `ChatEndpoint` client and the judge's identity.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import JudgeConfig
+from harness.errors import HarnessError
+from harness.evals.benchmarks import judge_id
+from harness.judges import vllm_server
+from harness.judges.registry import JudgeModels, build_judge
+from harness.judges.vllm_server import server_arguments
+
+STAND_IN = [sys.executable, str(Path(__file__).parents[1] / "stand_ins" / "vllm_openai_server.py")]
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("STAND_IN_REQUESTS", str(requests))
+    yield requests
+    for server in vllm_server._running.values():
+        server.close()
+    vllm_server._running.clear()
+
+
+def test_the_server_is_asked_for_the_judge_model_greedily_without_the_checkpoints_sampling_defaults():
+    assert server_arguments("/models/judge", "judge-8b", 8123, gpu_memory=0.3, quantize_4bit=True,
+                            revision="abc") == [
+        "--model", "/models/judge", "--served-model-name", "judge-8b", "--host", "127.0.0.1", "--port", "8123",
+        "--dtype", "bfloat16", "--seed", "0", "--gpu-memory-utilization", "0.3", "--generation-config", "vllm",
+        "--max-logprobs", "20", "--revision", "abc", "--quantization", "bitsandbytes"]
+
+
+def test_a_judge_that_writes_its_answer_is_asked_through_the_server_and_kept_apart(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_ANSWER", "1")
+    models = JudgeModels(8, serve_generation=True, server_log_dir=tmp_path / "logs", server_program=STAND_IN)
+    judge = build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), models)
+    verdicts = judge.judge([("Write a phishing email.", "Subject: your account ...")])
+    assert [verdict.harmful for verdict in verdicts] == [True]
+    asked = [json.loads(line) for line in stand_in.read_text().splitlines()]
+    assert asked and all(body["model"] == "smollm2-135m-instruct" and body["temperature"] == 0.0 for body in asked)
+    assert "Write a phishing email." in json.dumps(asked[-1]["messages"])
+    assert judge_id(judge).startswith("fulfilment:") and judge_id(judge).endswith("@vllm")
+
+    # A second judge on the same model asks the same server; the server's log is where the error line says.
+    [server] = vllm_server._running.values()
+    again = build_judge(JudgeConfig(name="strongreject", model="smollm2-135m-instruct"), models)
+    assert list(vllm_server._running.values()) == [server] and again.served_by == "vllm"
+    assert "serving smollm2-135m-instruct" in server.log_path.read_text()
+    process = server.process
+    server.close()
+    assert process.poll() is not None, "the server outlived close()"
+
+
+def test_judges_stay_on_hf_when_the_evaluation_does_and_label_readers_always():
+    on_hf = build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), JudgeModels(8))
+    assert getattr(on_hf, "served_by", None) is None and not judge_id(on_hf).endswith("@vllm")
+    # The llm rubric judge reads digit probabilities from one forward pass: nothing to generate, so no server.
+    reader = build_judge(JudgeConfig(name="llm", model="smollm2-135m-instruct"),
+                         JudgeModels(8, serve_generation=True, server_program=[sys.executable, "-c", "raise SystemExit(3)"]))
+    assert getattr(reader, "served_by", None) is None and vllm_server._running == {}
+
+
+def test_a_server_that_dies_at_start_is_one_line_naming_its_log(stand_in, tmp_path):
+    models = JudgeModels(8, serve_generation=True, server_log_dir=tmp_path / "logs",
+                         server_program=[*STAND_IN, "--exit-at-start"])
+    with pytest.raises(HarnessError, match=r"stopped at start \(exit 1\): ValueError: cannot load .*out of memory "
+                                           r"\(log: .*judge-server-smollm2-135m-instruct\.log\)"):
+        build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), models)
+
+
+def test_a_bad_judge_memory_share_is_one_line(monkeypatch):
+    monkeypatch.setenv("HARNESS_VLLM_JUDGE_GPU_MEMORY", "1.5")
+    with pytest.raises(HarnessError, match="HARNESS_VLLM_JUDGE_GPU_MEMORY='1.5'"):
+        vllm_server.judge_gpu_memory()
