@@ -288,6 +288,32 @@ def test_a_full_disk_is_one_line(capsys):
     )
 
 
+def test_gpu_out_of_memory_is_one_line_naming_what_to_lower_and_vllms_shares_when_it_runs(capsys, monkeypatch):
+    import sys
+    import types
+
+    import torch
+    import typer
+
+    from harness.errors import one_line_errors
+
+    @one_line_errors
+    def command():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    with pytest.raises(typer.Exit):
+        command()
+    alone = capsys.readouterr().err
+    assert alone.startswith("error: GPU out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower "
+                            "eval.batch_size, or for training train.batch_size") and alone.count("\n") == 1
+    assert "HARNESS_VLLM_GPU_MEMORY" not in alone
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # an engine is running in this process
+    with pytest.raises(typer.Exit):
+        command()
+    assert "lower those, or set eval.engine: hf" in capsys.readouterr().err
+
+
 def test_a_replaced_attempt_takes_its_finished_children_with_it(tracker):
     """A fine-tune resumed on a machine without its checkpoints trains from step 0 again: the old attempt's
     FINISHED checkpoint and evaluation belong to the other training and must not stay visible beside the new."""
