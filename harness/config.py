@@ -578,7 +578,7 @@ class RuntimeConfig(Strict):
     (the same config hash whatever these are), but every run records them (harness/runtime.py: tags
     `harness.runtime` and `harness.runtime_overrides`). Each may be overridden by an environment variable
     (`HARNESS_PROMOT_PRECISION`, `HARNESS_PROMOT_ATTENTION`, `HARNESS_PROMOT_MICRO_BATCH`, `HARNESS_FAST_TRAINING`,
-    `HARNESS_FAST_GENERATION`), and the run records which did."""
+    `HARNESS_FAST_GENERATION`, `HARNESS_VLLM_EAGER`), and the run records which did."""
 
     promot_precision: Literal["fp32", "bf16"] = "fp32"
     """ProMoT's weights on CUDA: 'fp32' (TF32 matmuls; measured to stay finite, issue 12) or 'bf16' (less memory;
@@ -594,6 +594,10 @@ class RuntimeConfig(Strict):
     fast_generation: bool = True
     """Take the fast generation path on CUDA for models it supports (harness/generation/fast.py); false: plain
     transformers `generate`."""
+    vllm_eager: bool = False
+    """`eval.engine: vllm` without `torch.compile` and CUDA graphs (vLLM's `enforce_eager`): a faster engine start,
+    slower generation. On the H200 the start cost about 80 s more than HF's model load, which a study of 13 model
+    states did not earn back (benchmarks/RESULTS.md, "vLLM"); true trades generation speed for that start."""
 
 
 class ExperimentConfig(Strict):

@@ -8,8 +8,10 @@
 #               eval.engine: hf (timed), the greedy agreement (measurement 3), the `gpu` tests on the 1.5B, then
 #               `harness evaluate` with HF's plain `generate` (HARNESS_FAST_GENERATION=0, timed)
 #        GPU 1: the SFT arms (and the base model); then `harness evaluate` with eval.engine: vllm (timed), beside the
-#               HF one on the other GPU, and once more with vLLM's compile cache warm; `harness bench --vllm` on the 8B architecture (measurement 1); multi-LoRA
-#               (measurement 2's third arm)
+#               HF one on the other GPU, once more with vLLM's compile cache warm, and once with HARNESS_VLLM_EAGER=1
+#               (no compile, no CUDA graphs: the start-up against generation speed); `harness bench --vllm` on the 8B
+#               architecture (measurement 1); multi-LoRA (measurement 2's third arm); last, StrongREJECT on the
+#               1.5B served by vLLM's OpenAI server (its own wheels: scripts/vllm-server-wheels.txt, staged too)
 #        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
 #        (A first machine ran SFT with eval.engine: vllm beside two ProMoT processes on one GPU: vLLM found no memory
 #        for its cache, since it counts what neighbours allocate while it profiles; one process per GPU is the rule.)
@@ -48,6 +50,10 @@ for fmt in ("prose", "list", "json"):
 dump("evaluate-hf", engine="hf", seed=3)
 dump("evaluate-vllm", engine="vllm", seed=1)
 dump("evaluate-vllm-warm", engine="vllm", seed=4)  # again, with vLLM's compile cache warm
+dump("evaluate-vllm-eager", engine="vllm", seed=5)  # with HARNESS_VLLM_EAGER=1: no compile, no CUDA graphs
+# A writing judge served by vLLM (judges/vllm_server.py): the model itself as StrongREJECT's grader, base and SFT only
+dump("evaluate-judge-served", engine="vllm", seed=6, train={"methods": ["sft"]},
+     judges=[{"name": "keyword"}, {"name": "strongreject", "model": "qwen2.5-coder-1.5b-instruct"}])
 dump("evaluate-plain", engine="hf", seed=2)
 PY
     ls "$work"/*.yaml
@@ -79,9 +85,11 @@ start)
         while [ ! -f $work/trained-promot ]; do sleep 2; done
         timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
         timed evaluate-vllm-warm python3 -m harness.cli.main evaluate $work/evaluate-vllm-warm.yaml
+        HARNESS_VLLM_EAGER=1 timed evaluate-vllm-eager python3 -m harness.cli.main evaluate $work/evaluate-vllm-eager.yaml
         timed bench-8b python3 -m harness.cli.main bench --model llama-3.1-8b --prompts 1024 --batch 512 \
             --max-new-tokens 256 --decoding both --vllm --json $work/bench-8b.json
         timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
+        timed evaluate-judge-served python3 -m harness.cli.main evaluate $work/evaluate-judge-served.yaml
         echo done > $work/lane1-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started
     ;;

@@ -206,6 +206,9 @@ def engine_for(cfg: Any) -> VLLMEngine:
     the study's LoRA rank."""
     from harness.models import resolve_model
 
+    from harness import runtime
+
     source = resolve_model(cfg.model)
     return shared_engine(source.location, revision=source.revision, seed=cfg.eval.seed,
-                         gpu_memory_utilization=gpu_memory_utilization(), max_lora_rank=cfg.train.lora.r)
+                         gpu_memory_utilization=gpu_memory_utilization(), max_lora_rank=cfg.train.lora.r,
+                         enforce_eager=runtime.current().vllm_eager)

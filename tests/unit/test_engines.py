@@ -137,6 +137,27 @@ def test_the_engine_serves_the_studys_lora_rank_at_a_rank_vllm_accepts():
         lora_rank_limit(600)
 
 
+def test_the_studys_engine_is_built_with_its_rank_seed_and_the_runtimes_eager_switch(monkeypatch):
+    """What `engine_for` asks of vLLM (its constructor is the stand-in here: vLLM needs a GPU)."""
+    from harness import runtime
+    from harness.config import RuntimeConfig
+    from harness.generation import vllm_engine
+
+    asked = []
+    monkeypatch.setattr(vllm_engine, "shared_engine", lambda path, **settings: asked.append((path, settings)))
+    monkeypatch.delenv("HARNESS_VLLM_EAGER", raising=False)
+    cfg = parse_config({"name": "engines", "model": "smollm2-135m-instruct", "train": {"lora": {"r": 16}},
+                        "eval": {"seed": 5}})
+    with runtime.activated(runtime.resolve(RuntimeConfig(vllm_eager=True))):
+        vllm_engine.engine_for(cfg)
+    vllm_engine.engine_for(cfg)
+    [(path, eager), (_, compiled)] = asked
+    assert Path(path).is_dir()  # the alias resolved to its local directory
+    assert {key: eager[key] for key in ("seed", "max_lora_rank", "enforce_eager")} == {
+        "seed": 5, "max_lora_rank": 16, "enforce_eager": True}
+    assert compiled["enforce_eager"] is False
+
+
 def test_replies_go_back_to_their_generation_in_prompt_order_whatever_order_they_come_in(tokenizer):
     plan = planned(study_config())
     requests = build_requests(plan, tokenizer)
