@@ -292,6 +292,15 @@ def _resolve_directory(spec: str, path: Path) -> ModelSource:
 # Loading.
 
 
+def four_bit_unavailable() -> str | None:
+    """Why 4-bit NF4 loading (QLoRA) cannot run here, or None when it can: it needs CUDA and bitsandbytes."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "no bitsandbytes package"
+    return None
+
+
 def load_model(
     spec: str,
     *,
@@ -313,8 +322,10 @@ def load_model(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     options: dict[str, Any] = {"dtype": dtype, "revision": source.revision}
     if quantize_4bit:
-        if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-            raise HarnessError("quantize_4bit needs CUDA and bitsandbytes")
+        missing = "no CUDA device" if device.type != "cuda" else four_bit_unavailable()
+        if missing is not None:
+            raise HarnessError(f"quantize_4bit needs CUDA and bitsandbytes, and here there is {missing}: set it to "
+                               "false, or run on a GPU with `pip install -e '.[gpu]'`")
         from transformers import BitsAndBytesConfig
 
         options["quantization_config"] = BitsAndBytesConfig(
