@@ -222,7 +222,9 @@ class Metric(StrEnum):
     TRAIN_RUNTIME = "train_runtime"
     """Seconds the Trainer's `train()` took in this attempt (its own `train_runtime`), on every fine-tune/stage run."""
     TRAIN_TOKENS_PER_SECOND = "train_tokens_per_second"
-    """Real (non-padding) input tokens trained on per second of `train_runtime`."""
+    """Input tokens trained on per second of `train_runtime`, padding left out (the Trainer's `non_padding` count:
+    by the attention mask, or for packed rows, which have none, every token that is not the pad token; a model
+    whose pad token doubles as its end-of-turn token loses those from the count)."""
     PEAK_GPU_MEMORY = "peak_gpu_memory_gib"
     """The process's peak allocated GPU memory during training, GiB (CUDA only)."""
 
