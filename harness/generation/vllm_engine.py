@@ -44,18 +44,24 @@ def sampling_settings(request: GenerationRequest) -> dict[str, Any]:
     return settings
 
 
-def gpu_memory_utilization() -> float:
-    """`HARNESS_VLLM_GPU_MEMORY` (a share in (0, 1]), else DEFAULT_GPU_MEMORY_UTILIZATION; a bad value is one line."""
-    raw = os.environ.get(GPU_MEMORY_VARIABLE)
+def gpu_memory_share(variable: str, default: float, what: str = "vLLM") -> float:
+    """A share of the GPU's memory from environment variable `variable` (in (0, 1]), else `default`; a bad value
+    is one line naming the variable."""
+    raw = os.environ.get(variable)
     if raw is None:
-        return DEFAULT_GPU_MEMORY_UTILIZATION
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not 0 < value <= 1:
-        raise HarnessError(f"{GPU_MEMORY_VARIABLE}={raw!r}: give the share of GPU memory vLLM may use, in (0, 1]")
+        raise HarnessError(f"{variable}={raw!r}: give the share of GPU memory {what} may use, in (0, 1]")
     return value
+
+
+def gpu_memory_utilization() -> float:
+    """`HARNESS_VLLM_GPU_MEMORY`, else DEFAULT_GPU_MEMORY_UTILIZATION."""
+    return gpu_memory_share(GPU_MEMORY_VARIABLE, DEFAULT_GPU_MEMORY_UTILIZATION)
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -38,17 +38,9 @@ STARTUP_TIMEOUT_S = 1200.0
 
 
 def judge_gpu_memory() -> float:
-    raw = os.environ.get(GPU_MEMORY_VARIABLE)
-    if raw is None:
-        return DEFAULT_GPU_MEMORY_UTILIZATION
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1:
-        raise HarnessError(f"{GPU_MEMORY_VARIABLE}={raw!r}: give the share of GPU memory the judge's vLLM server may "
-                           "use, in (0, 1)")
-    return value
+    from harness.generation.vllm_engine import gpu_memory_share
+
+    return gpu_memory_share(GPU_MEMORY_VARIABLE, DEFAULT_GPU_MEMORY_UTILIZATION, "the judge's vLLM server")
 
 
 def free_port() -> int:

@@ -78,7 +78,15 @@ def test_a_server_that_dies_at_start_is_one_line_naming_its_log(stand_in, tmp_pa
         build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), models)
 
 
-def test_a_bad_judge_memory_share_is_one_line(monkeypatch):
+def test_vllms_memory_shares_come_from_the_environment_and_a_bad_one_is_one_line(monkeypatch):
+    from harness.generation.vllm_engine import gpu_memory_utilization
+
+    monkeypatch.delenv("HARNESS_VLLM_GPU_MEMORY", raising=False)
+    monkeypatch.setenv("HARNESS_VLLM_JUDGE_GPU_MEMORY", "0.25")
+    assert (gpu_memory_utilization(), vllm_server.judge_gpu_memory()) == (0.5, 0.25)
     monkeypatch.setenv("HARNESS_VLLM_JUDGE_GPU_MEMORY", "1.5")
-    with pytest.raises(HarnessError, match="HARNESS_VLLM_JUDGE_GPU_MEMORY='1.5'"):
+    with pytest.raises(HarnessError, match=r"^HARNESS_VLLM_JUDGE_GPU_MEMORY='1.5': .* the judge's vLLM server"):
         vllm_server.judge_gpu_memory()
+    monkeypatch.setenv("HARNESS_VLLM_GPU_MEMORY", "half")
+    with pytest.raises(HarnessError, match=r"^HARNESS_VLLM_GPU_MEMORY='half': give the share"):
+        gpu_memory_utilization()
