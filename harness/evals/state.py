@@ -53,7 +53,9 @@ class ModelState:
     with its adapter). `adapter()` is the view of an engine that holds the base model and serves adapters (vLLM): a
     context manager yielding (cache state id, the state's LoRA adapter directory, or None for the base). A plain
     `ModelOpener` (ProMoT's soft prompt, which vLLM is not fed) is generated with HF whatever the study's engine, and
-    recorded so."""
+    recorded so. (vLLM takes soft prompts only as `prompt_embeds`, which 0.26's V2 model runner lists among the
+    features it does not support, `VllmConfig._get_v2_model_runner_unsupported_features`: turning it on would change
+    the runner of every other state too.)"""
 
     open: ModelOpener
     adapter: Callable[[], AbstractContextManager] | None = None
