@@ -23,14 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlflow import MlflowClient  # noqa: E402
 
+from harness.analysis.figures import tag  # noqa: E402
 from tracking.schema import HARMFUL_MIX, WIKIHOW, XSTEST_SAFE, XSTEST_UNSAFE, Metric, Tag  # noqa: E402
 
 FINETUNE_METRICS = (Metric.TRAIN_LOSS, Metric.EVAL_LOSS, Metric.TRAIN_TOKENS_PER_SECOND, Metric.TRAIN_RUNTIME,
                     Metric.PEAK_GPU_MEMORY)
-
-
-def tag(run, name: Tag) -> str:
-    return run.data.tags.get(name.key, "")
 
 
 def arm_of(run) -> str:

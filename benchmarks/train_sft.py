@@ -70,7 +70,7 @@ from harness.bench import ARCHITECTURES, load_bench_model  # noqa: E402
 from harness.config import TrainConfig  # noqa: E402
 from harness.data.registry import load_procedures  # noqa: E402
 from harness.data.formats import build_task_rows  # noqa: E402
-from harness.models import load_model  # noqa: E402
+from harness.models import four_bit_unavailable, load_model  # noqa: E402
 from harness.training.sft import train_sft  # noqa: E402
 from tracking.schema import Tag  # noqa: E402
 
@@ -171,8 +171,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()  # on CPU (a smoke test) the fast path stays off in every arm
     bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
     for arm in arms:  # before anything is built or trained
-        if ARMS[arm]["quantize_4bit"] and not (cuda and bitsandbytes):
-            missing = ", ".join(f"no {what}" for what, ok in (("CUDA", cuda), ("bitsandbytes", bitsandbytes)) if not ok)
+        missing = four_bit_unavailable() if ARMS[arm]["quantize_4bit"] else None
+        if missing is not None:
             sys.exit(f"arm {arm!r} loads the base in 4-bit NF4, which needs CUDA and bitsandbytes: {missing} here")
 
     from transformers import AutoTokenizer

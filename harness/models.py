@@ -292,13 +292,23 @@ def _resolve_directory(spec: str, path: Path) -> ModelSource:
 # Loading.
 
 
-def four_bit_unavailable() -> str | None:
-    """Why 4-bit NF4 loading (QLoRA) cannot run here, or None when it can: it needs CUDA and bitsandbytes."""
-    if not torch.cuda.is_available():
+def four_bit_unavailable(device: torch.device | None = None) -> str | None:
+    """Why 4-bit NF4 loading (QLoRA) cannot run here (on `device`, default: CUDA if present), or None when it can:
+    it needs CUDA and bitsandbytes."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "no CUDA device"
     if importlib.util.find_spec("bitsandbytes") is None:
         return "no bitsandbytes package"
     return None
+
+
+def require_four_bit(setting: str, device: torch.device | None = None) -> None:
+    """A one-line error naming `setting` (`train.quantize_4bit`, a judge's) when 4-bit loading cannot run here: what
+    `harness check` says before a run, and `load_model` at the latest."""
+    missing = four_bit_unavailable(device)
+    if missing is not None:
+        raise HarnessError(f"{setting} needs CUDA and bitsandbytes, and here there is {missing}: set it to false, "
+                           "or run on a GPU with `pip install -e '.[gpu]'`")
 
 
 def load_model(
@@ -322,10 +332,7 @@ def load_model(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     options: dict[str, Any] = {"dtype": dtype, "revision": source.revision}
     if quantize_4bit:
-        missing = "no CUDA device" if device.type != "cuda" else four_bit_unavailable()
-        if missing is not None:
-            raise HarnessError(f"quantize_4bit needs CUDA and bitsandbytes, and here there is {missing}: set it to "
-                               "false, or run on a GPU with `pip install -e '.[gpu]'`")
+        require_four_bit("quantize_4bit", device)
         from transformers import BitsAndBytesConfig
 
         options["quantization_config"] = BitsAndBytesConfig(

@@ -278,21 +278,16 @@ def _check_steps(cfg):
         """What needs a GPU: 4-bit loading fails here at once; 8-bit AdamW falls back (the run's tag says so); the
         evaluation engine is the one `eval.engine` resolves to on this machine."""
         from harness.generation.engines import resolve_engine
-        from harness.models import four_bit_unavailable
+        from harness.models import require_four_bit
         from harness.training.sft import resolve_optimizer
 
         train, lines = cfg.train, []
         if train.quantize_4bit:
-            missing = four_bit_unavailable()
-            if missing is not None:
-                raise HarnessError(f"train.quantize_4bit needs CUDA and bitsandbytes, and here there is {missing}: "
-                                   "set it to false, or run on a GPU with `pip install -e '.[gpu]'`")
+            require_four_bit("train.quantize_4bit")
             lines.append("train.quantize_4bit: CUDA and bitsandbytes present (QLoRA, NF4)")
-        for judge in (judge for judge in cfg.eval.judges if judge.quantize_4bit):
-            missing = four_bit_unavailable()
-            if missing is not None:
-                raise HarnessError(f"eval.judges ({judge.name}): quantize_4bit needs CUDA and bitsandbytes, and here "
-                                   f"there is {missing}: set it to false, or run on a GPU")
+        for judge in cfg.eval.judges:
+            if judge.quantize_4bit:
+                require_four_bit(f"eval.judges ({judge.name}): quantize_4bit")
         if train.optimizer != "adamw_torch":
             lines.append(f"train.optimizer {train.optimizer}: runs as {resolve_optimizer(train.optimizer)[1]}")
         engine = resolve_engine(cfg.eval.engine, quantized=train.quantize_4bit)

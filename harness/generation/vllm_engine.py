@@ -210,9 +210,8 @@ def shared_engine(model_path: str | Path, **settings: Any) -> VLLMEngine:
 def engine_for(cfg: Any) -> VLLMEngine:
     """The engine for a study's base model (`model:` resolved to its local directory or hub id), serving adapters of
     the study's LoRA rank."""
-    from harness.models import resolve_model
-
     from harness import runtime
+    from harness.models import resolve_model
 
     source = resolve_model(cfg.model)
     return shared_engine(source.location, revision=source.revision, seed=cfg.eval.seed,

@@ -769,6 +769,8 @@ class LocalJudgeModels(Protocol):
 
     def reader(self, model: str, *, quantize_4bit: bool, name: str): ...
 
+    def served_endpoint(self, settings) -> "ChatEndpoint | None": ...
+
 
 class JudgeModels:
     """Local judge models for `build_judge`: each (model, 4-bit) loaded once, when a judge first needs it, and
@@ -844,8 +846,7 @@ def build_judge(settings, local_models: LocalJudgeModels | None = None) -> Judge
         return kind.build(settings.model_copy(update={"model": served}), complete)
     if local_models is None:
         raise HarnessError(f"judge '{settings.name}' needs a local model, and none can be loaded here")
-    serve = getattr(local_models, "served_endpoint", None)
-    endpoint = serve(settings) if serve is not None and not kind.reads_labels else None
+    endpoint = None if kind.reads_labels else local_models.served_endpoint(settings)
     if endpoint is not None:  # a judge that writes its answer, on a vLLM server of its model
         judge = kind.build(settings, endpoint)
         judge.served_by = "vllm"

@@ -279,8 +279,10 @@ class ExperimentRunner:
         # Which other methods the study runs says nothing about this fine-tune: adding ProMoT to a finished SFT
         # study trains only ProMoT.
         unit["train"].pop("methods")
-        if self.cfg.train.quantize_4bit:  # QLoRA's adapters train in float32 (sft.keep_adapter_in_float32), not
-            unit["adapter_dtype"] = "float32"  # TRL's bfloat16 of the first H200 QLoRA runs: another fine-tune
+        # QLoRA's adapters train in float32 (sft.keep_adapter_in_float32), not in the bfloat16 TRL gave the first H200
+        # QLoRA runs: those are other fine-tunes.
+        if self.cfg.train.quantize_4bit:
+            unit["adapter_dtype"] = "float32"
         return unit
 
     # -- the study ----------------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ class LocalModels:
         self.asked.append((model, max_new_tokens))
         return Canned([RUBRIC_ANSWER.format(r=0, c=3, s=3)] * 8)
 
+    def served_endpoint(self, settings):
+        return None  # judges run on their local models here, as with eval.engine: hf
+
 
 def test_every_named_judge_is_built_by_the_one_factory_with_its_hub_default(model, tokenizer):
     models = LocalModels(model, tokenizer)

@@ -242,6 +242,9 @@ class CannedModels:
         self.asked.append((model, quantize_4bit, max_new_tokens))
         return FakeComplete(self.outputs)
 
+    def served_endpoint(self, settings):
+        return None  # judges run on their local models here, as with eval.engine: hf
+
     def reader(self, model, *, quantize_4bit, name):
         """A real label reader on a 2-layer random Llama over SmolLM2's tokenizer (real tokens, any verdict)."""
         from harness.judges.labels import LabelReader
