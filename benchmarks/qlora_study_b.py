@@ -108,7 +108,19 @@ def tables(checkpoints: list[dict], finetunes: list[dict]) -> str:
         lines.append(f"| {row['arm']} | {row['format']} | {row['seed']} | {row['steps']} | {number(row['train_loss'])} "
                      f"| {number(row['eval_loss'])} | {number(row['train_tokens_per_second'], 0)} "
                      f"| {number(row['train_runtime'], 1)} | {number(row['peak_gpu_memory_gib'], 2)} |")
+    lines += ["", "| arm | format | seed | mean train loss, last 30 steps | QLoRA − bf16 loss, steps 1–10 | last 30 steps |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    curves = {(row["arm"], row["format"], row["seed"]): [value for _, value in row["curve"]] for row in finetunes}
+    for (arm, fmt, seed), curve in curves.items():
+        bf16 = curves.get(("LoRA bf16", fmt, seed)) if arm.startswith("QLoRA") else None
+        gaps = [q - b for q, b in zip(curve, bf16)] if bf16 else []
+        lines.append(f"| {arm} | {fmt} | {seed} | {number(mean(curve[-30:]))} | {number(mean(gaps[:10]))} "
+                     f"| {number(mean(gaps[-30:]))} |")
     return "\n".join(lines) + "\n"
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def draw_losses(finetunes: list[dict], path: Path) -> None:
