@@ -12,6 +12,17 @@ same study (scripts/gpu-vllm.sh). Both read what the store holds, so the prompts
         per state with its adapter served (what `eval.engine: vllm` does), and every checkpoint's adapter served
         in a single call (vLLM's multi-LoRA batching). Wall-clock and tokens/s of each, engine start-up apart.
 
+    python benchmarks/vllm_workload.py startup --study NAME --variant NAME --out startup-NAME.json
+        Where vLLM's start-up goes: one engine-build variant per process (STARTUP_VARIANTS: vLLM's defaults, one
+        CUDA-graph set for LoRA instead of two, ten capture sizes instead of 51, both, eager), timed from the
+        engine build to ready, then every state's greedy requests one call per state with its adapter served (what
+        `eval.engine: vllm` does). Run each variant in a fresh process with an empty compile cache to time a cold start.
+    python benchmarks/vllm_workload.py steps --study NAME --out steps.csv
+        Every evaluation step side by side (a step: one engine and eval seed, as `harness evaluate` ran it): each
+        state's headline metrics per step, so a change of engine that moves ASR shows beyond the intervals, and
+        each step's span in the store (first generation run's start to last evaluation run's end) and its
+        first state's records. Needs no GPU: it reads the packed store.
+
 The end-to-end comparison (`harness evaluate` wall-clock per engine) is timed by the script that runs them.
 """
 
@@ -125,15 +136,60 @@ def state_requests(client, state: dict, tokenizer) -> list[list[int]]:
     return [prompt_ids(tokenizer, prompt_text(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
 
 
+def served_states(engine, work, settings: dict) -> dict:
+    """Every state's requests, one `generate` call per state with its adapter served: seconds, tokens, tokens/s."""
+    begin, tokens = time.perf_counter(), 0
+    for state, prompts in work:
+        tokens += sum(len(r) for r in engine.generate_tokens(prompts, [settings] * len(prompts), state["adapter"]))
+    seconds = time.perf_counter() - begin
+    return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1)}
+
+
+def study_work(client, study: str, model_spec: str) -> list[tuple[dict, list[list[int]]]]:
+    """(state, its greedy prompts as token ids) for every state of the study that has HF generations."""
+    _, tokenizer = load_model(model_spec, device="cpu")
+    work = [(state, state_requests(client, state, tokenizer)) for state in study_states(client, study)]
+    return [(state, prompts) for state, prompts in work if prompts]
+
+
+STARTUP_VARIANTS = {
+    "default": {},
+    "lora-one-graph-set": {"compilation_config": {"cudagraph_specialize_lora": False}},
+    "ten-capture-sizes": {"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}},
+    "both": {"compilation_config": {"cudagraph_specialize_lora": False,
+                                    "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}},
+    "eager": {"enforce_eager": True},
+}
+"""Engine-build settings `startup` compares (vLLM 0.26's `LLM` arguments). By default vLLM captures CUDA graphs for
+51 batch sizes ([1, 2, 4] + 8..248 by 8 + 256..512 by 16), twice with LoRA enabled (with and without an active
+adapter: `cudagraph_specialize_lora`); every state but the base has an adapter, so one set may do."""
+
+
+def startup(study: str, model_spec: str, max_new_tokens: int, rank: int, variant: str) -> dict:
+    from harness.generation.vllm_engine import VLLMEngine, gpu_memory_utilization
+
+    client = mlflow.MlflowClient()
+    work = study_work(client, study, model_spec)
+    start = time.perf_counter()
+    engine = VLLMEngine(resolve_model(model_spec).location, gpu_memory_utilization=gpu_memory_utilization(),
+                        max_lora_rank=rank, max_cpu_loras=len(work), **STARTUP_VARIANTS[variant])
+    result = {"measurement": "vLLM engine start-up and served-adapter generation, one variant", "study": study,
+              "variant": variant, "engine_args": STARTUP_VARIANTS[variant], "states": len(work),
+              "requests": sum(len(p) for _, p in work), "max_new_tokens": max_new_tokens,
+              "startup_seconds": round(time.perf_counter() - start, 1)}
+    result["per_state"] = served_states(engine, work, {"max_tokens": max_new_tokens, "temperature": 0.0})
+    print(result, flush=True)
+    engine.close()
+    return result
+
+
 def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> dict:
     from vllm import SamplingParams
 
     from harness.generation.vllm_engine import VLLMEngine, gpu_memory_utilization
 
     client = mlflow.MlflowClient()
-    _, tokenizer = load_model(model_spec, device="cpu")
-    work = [(state, state_requests(client, state, tokenizer)) for state in study_states(client, study)]
-    work = [(state, prompts) for state, prompts in work if prompts]
+    work = study_work(client, study, model_spec)
     adapters = [state["adapter"] for state, _ in work if state["adapter"]]
     settings = {"max_tokens": max_new_tokens, "temperature": 0.0}
     source = resolve_model(model_spec)
@@ -145,11 +201,7 @@ def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> di
     engine = VLLMEngine(source.location, gpu_memory_utilization=gpu_memory_utilization(), max_lora_rank=rank,
                         max_cpu_loras=len(adapters))
     result["startup_seconds"] = round(time.perf_counter() - start, 1)
-    begin, tokens = time.perf_counter(), 0
-    for state, prompts in work:
-        tokens += sum(len(r) for r in engine.generate_tokens(prompts, [settings] * len(prompts), state["adapter"]))
-    seconds = time.perf_counter() - begin
-    result["per_state"] = {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1)}
+    result["per_state"] = served_states(engine, work, settings)
     print("one call per state:", result["per_state"], flush=True)
     engine.close()
 
@@ -172,18 +224,78 @@ def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> di
     return result
 
 
+STEP_METRICS = {"harmful_mix": ("asr", "asr_ci_low", "asr_ci_high"), "xstest_unsafe": ("asr",),
+                "xstest_safe": ("over_refusal",), "wikihow": ("rouge_l", "sbert", "format_adherence")}
+"""The metrics `steps` reads per benchmark (the summary table's headline columns)."""
+
+
+def steps(study: str) -> tuple[list[dict], list[dict]]:
+    """(per-state metric rows, per-step timing rows) of every evaluation step in the study's store."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        raise SystemExit(f"no experiment named {study!r} in {mlflow.get_tracking_uri()}")
+    runs = [run for kind in ("generation", "evaluation")
+            for run in client.search_runs([experiment.experiment_id], f"tags.`harness.kind` = '{kind}'",
+                                          max_results=5000)]
+    metrics: dict[tuple, dict] = {}
+    spans: dict[tuple, dict] = {}
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        step = (tags.get("harness.engine", "hf"), params.get("seed_eval", "?"), tags.get("harness.fast_generation"),
+                tags.get("harness.runtime_overrides", ""))
+        state = "base" if tags.get("harness.method") == "base" else \
+            f"{tags.get('harness.method')}/{tags.get('harness.format')}/e{tags.get('harness.epoch')}"
+        span = spans.setdefault(step, {"start": float("inf"), "end": 0, "state_end": {}})
+        span["start"] = min(span["start"], run.info.start_time)
+        span["end"] = max(span["end"], run.info.end_time or 0)
+        span["state_end"][state] = max(span["state_end"].get(state, 0), run.info.end_time or 0)
+        benchmark = tags.get("harness.benchmark")
+        if tags.get("harness.kind") != "evaluation" or benchmark not in STEP_METRICS:
+            continue
+        row = metrics.setdefault((state, step), {"state": state, "engine": step[0], "seed_eval": step[1],
+                                                 "fast_generation": step[2], "overrides": step[3]})
+        for name in STEP_METRICS[benchmark]:
+            if name in run.data.metrics:
+                row[f"{benchmark}.{name}"] = round(run.data.metrics[name], 3)
+    timing = []
+    for step, span in sorted(spans.items(), key=lambda item: item[1]["start"]):
+        ends = sorted(span["state_end"].values())
+        timing.append({"engine": step[0], "seed_eval": step[1], "fast_generation": step[2], "overrides": step[3],
+                       "states": len(ends), "span_seconds": round((span["end"] - span["start"]) / 1000, 1),
+                       "first_state_seconds": round((ends[0] - span["start"]) / 1000, 1),
+                       "per_state_after_seconds": round((ends[-1] - ends[0]) / 1000 / max(len(ends) - 1, 1), 1)})
+    return sorted(metrics.values(), key=lambda row: (row["state"], row["seed_eval"])), timing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["agreement", "multilora"])
+    parser.add_argument("what", choices=["agreement", "multilora", "startup", "steps"])
     parser.add_argument("--study", required=True)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--gaps", type=int, default=64, help="agreement: logit gaps measured per state at most")
+    parser.add_argument("--variant", choices=sorted(STARTUP_VARIANTS), default="default", help="startup: which")
     args = parser.parse_args()
+    if args.what == "steps":
+        import csv
+
+        rows, timing = steps(args.study)
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with args.out.open("w", newline="") as out:
+            writer = csv.DictWriter(out, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        for row in timing:
+            print(row)
+        print("wrote", args.out)
+        return
     if args.what == "agreement":
         result = agreement(args.study, args.model, args.gaps)
+    elif args.what == "startup":
+        result = startup(args.study, args.model, args.max_new_tokens, args.rank, args.variant)
     else:
         result = multilora(args.study, args.model, args.max_new_tokens, args.rank)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,10 +10,16 @@
 #        the QLoRA `gpu` tests beside them, and the vLLM `gpu` tests once the SFT arms are trained (vLLM at 0.3 of
 #        the GPU: its profiling counts what neighbours allocate, so neighbours must be in their steady state);
 #        phase 2, alone on the GPU, each timed: `harness evaluate` of the SFT states (base + 3 formats x 2 epochs)
-#        with eval.engine: vllm (adapters served, cold compile cache), then eval.engine: hf, then vllm again (compile
-#        cache warm), the multi-LoRA arm, vllm with HARNESS_VLLM_EAGER=1; then StrongREJECT on the 1.5B served by
-#        vLLM's OpenAI server beside the greedy agreement (neither timed); last, HF's plain `generate`.
+#        with eval.engine: vllm (adapters served, cold compile cache), then eval.engine: hf; then StrongREJECT on the
+#        1.5B served by vLLM's OpenAI server beside the greedy agreement (neither timed); then vllm again (compile
+#        cache warm), vllm with HARNESS_VLLM_EAGER=1, the multi-LoRA arm, HF's plain `generate`.
 #        Each timed step has its own eval.seed, so it generates every state itself (greedy replies do not depend on it).
+#     As run on 2026-12-01 (benchmarks/h200-one/): phase 2 was first ordered vllm, hf, warm, multi-LoRA, eager,
+#     judge + agreement, plain; the served judge was moved up by hand after the vLLM GPU tests, this order is the
+#     one that ran. The device time ended during multi-LoRA (plain never ran). The served judge's start died in vLLM's
+#     memory profiling when the agreement process beside it finished and freed GPU memory (judge-server.log): the
+#     judge server now tries such a start once more, and a next run should not put a process beside it.
+#     Phase 1's training lane evaluated on HF's plain path beside two QLoRA processes: 572 s for the SFT arms.
 #     bash scripts/gpu-one-h200.sh wait N [phase1|all]   follow the logs for up to N seconds
 #     bash scripts/gpu-one-h200.sh pack     results, logs, the store and the generations into $OUT
 set -euo pipefail
@@ -74,12 +80,12 @@ start)
         unset HARNESS_FAST_GENERATION
         timed evaluate-vllm python3 -m harness.cli.main evaluate $work/evaluate-vllm.yaml
         timed evaluate-hf python3 -m harness.cli.main evaluate $work/evaluate-hf.yaml
-        timed evaluate-vllm-warm python3 -m harness.cli.main evaluate $work/evaluate-vllm-warm.yaml
-        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
-        HARNESS_VLLM_EAGER=1 timed evaluate-vllm-eager python3 -m harness.cli.main evaluate $work/evaluate-vllm-eager.yaml
         timed agreement python3 benchmarks/vllm_workload.py agreement --study $study --out $work/agreement.json &
         timed evaluate-judge-served python3 -m harness.cli.main evaluate $work/evaluate-judge-served.yaml
         wait
+        timed evaluate-vllm-warm python3 -m harness.cli.main evaluate $work/evaluate-vllm-warm.yaml
+        HARNESS_VLLM_EAGER=1 timed evaluate-vllm-eager python3 -m harness.cli.main evaluate $work/evaluate-vllm-eager.yaml
+        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
         HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
         echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started

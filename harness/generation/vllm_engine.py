@@ -106,7 +106,7 @@ class VLLMEngine:
             self.llm = LLM(model=self.model_path, revision=revision, dtype=dtype, seed=seed,
                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                            enable_sleep_mode=True, **engine_args)
-        except (torch.OutOfMemoryError, ValueError, RuntimeError) as error:
+        except (torch.OutOfMemoryError, ValueError, RuntimeError, AssertionError) as error:
             if "memory" not in str(error).lower():
                 raise
             raise self._memory_error(error) from None
@@ -114,6 +114,10 @@ class VLLMEngine:
 
     def _memory_error(self, error: BaseException) -> HarnessError:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else "out of memory"
+        if "memory profiling" in first:  # vLLM 0.26 asserts when a neighbour frees GPU memory while it measures
+            return HarnessError(f"vLLM's start was upset by another process on this GPU freeing memory while vLLM "
+                                f"measured its own ({first[:100]}); start it again once the GPU is quiet, or give "
+                                "vLLM its GPU alone")
         return HarnessError(f"vLLM ran out of GPU memory with {self.gpu_memory_utilization:.0%} of it ({first}); lower "
                             f"{GPU_MEMORY_VARIABLE} (the share vLLM takes) if training or the judges need more, "
                             "raise it if vLLM itself needs more, or set eval.engine: hf")

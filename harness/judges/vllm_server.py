@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,29 @@ GPU_MEMORY_VARIABLE = "HARNESS_VLLM_JUDGE_GPU_MEMORY"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.3
 STARTUP_TIMEOUT_S = 1200.0
 """An 8B judge's server starts in 1-3 minutes on an H200 (weights, compilation, CUDA graphs); a cold download longer."""
+
+
+START_ATTEMPTS = 2
+TRANSIENT_START_FAILURES = ("Error in memory profiling",)
+"""vLLM start-up failures another attempt gets past. vLLM 0.26 asserts in its memory profiling when another process
+on the GPU frees memory while it measures: seen on the H200 when a neighbour process finished during the judge
+server's start (benchmarks/h200-one/judge-server.log); several evaluations or sweep workers on one GPU do that."""
+RETRY_PAUSE_S = 5.0
+GENERIC_FAILURES = ("Engine core initialization failed",)
+"""vLLM's last words when its engine process died: the root cause is logged above them."""
+LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*(?:ERROR \S+ \S+ \[[^\]]+\]\s*)?")
+"""vLLM's per-process prefix on log lines: "(EngineCore pid=13318) ERROR 12-01 06:43:13 [core.py:1330] "."""
+
+
+def root_cause(log: str) -> str:
+    """The line of a failed start's log that says why: the last exception line (`SomethingError: ...`) that is not
+    vLLM's generic "see root cause above", without vLLM's process prefix; else the last line."""
+    lines = [LOG_PREFIX.sub("", line).strip() for line in log.splitlines()]
+    lines = [line for line in lines if line]
+    causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
+              and not any(generic in line for generic in GENERIC_FAILURES)]
+    chosen = causes[-1] if causes else (lines[-1] if lines else "nothing logged")
+    return chosen[:240]
 
 
 def judge_gpu_memory() -> float:
@@ -86,12 +110,33 @@ class JudgeServer:
             revision=source.revision)]
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.returncode: int | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> "JudgeServer":
+        """Launch the server and wait for `/health`. A start that dies of a transient cause (TRANSIENT_START_FAILURES)
+        is tried once more; any other death is one line with its root cause and the log's path."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            if self.launch_and_wait():
+                return self
+            this_start = self.log_text(offset)
+            if attempt < START_ATTEMPTS and any(cause in this_start for cause in TRANSIENT_START_FAILURES):
+                print(f"the judge server for {self.served_name!r} failed vLLM's memory profiling (another process "
+                      f"freed GPU memory while it measured); starting it again (log: {self.log_path})",
+                      file=sys.stderr, flush=True)
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            raise HarnessError(f"the judge server for {self.served_name!r} stopped at start (exit "
+                               f"{self.returncode}): {root_cause(this_start)} (log: {self.log_path})")
+        raise AssertionError("unreachable")
+
+    def launch_and_wait(self) -> bool:
+        """True once the server answers `/health`; False if it died first (its exit code in `returncode`). A server
+        that neither answers nor dies within the timeout is stopped and a one-line error."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
                "VLLM_NO_USAGE_STATS": "1"}
@@ -102,10 +147,11 @@ class JudgeServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise HarnessError(f"the judge server for {self.served_name!r} stopped at start (exit "
-                                   f"{self.process.returncode}): {self.last_log_line()} (log: {self.log_path})")
+                self.returncode = self.process.returncode
+                self.process = None
+                return False
             if self.healthy():
-                return self
+                return True
             time.sleep(1.0)
         self.close()
         raise HarnessError(f"the judge server for {self.served_name!r} did not answer within "
@@ -118,12 +164,14 @@ class JudgeServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def last_log_line(self) -> str:
+    def log_text(self, offset: int = 0) -> str:
+        """The server log from byte `offset` on (what one start wrote)."""
         try:
-            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
         except OSError:
-            return "no log"
-        return lines[-1][:200] if lines else "nothing logged"
+            return ""
 
     def close(self) -> None:
         """Stop the server and everything it started (its process group): SIGTERM, then SIGKILL after 30 s."""

@@ -2,7 +2,10 @@
 arguments the harness gives vLLM's server (an argument it does not know is an error, as in vLLM) and speaks the part
 of its protocol the harness uses: `GET /health`, `POST /v1/chat/completions`. Every request body is appended to the
 JSON-lines file $STAND_IN_REQUESTS; the reply is $STAND_IN_ANSWER. `--exit-at-start` dies at once, as a server that
-cannot load its model does."""
+cannot load its model does. `--profiling-race-once MARKER` dies the way vLLM 0.26 did on the H200 when a neighbour
+freed GPU memory during its memory profiling (the lines of benchmarks/h200-one/judge-server.log: the engine
+process's assertion, then the API server's generic error), once: it leaves MARKER behind and serves on the next
+start. `--root-cause-above` dies with those two layers around another cause."""
 
 import argparse
 import json
@@ -15,9 +18,26 @@ for flag in ("--model", "--served-model-name", "--host", "--port", "--dtype", "-
              "--generation-config", "--max-logprobs", "--revision", "--quantization"):
     parser.add_argument(flag)
 parser.add_argument("--exit-at-start", action="store_true")
+parser.add_argument("--profiling-race-once")
+parser.add_argument("--root-cause-above", action="store_true")
 args = parser.parse_args()
 if args.exit_at_start:
     print(f"ValueError: cannot load {args.model}: out of memory", flush=True)
+    sys.exit(1)
+GENERIC = ("(APIServer pid=13079) RuntimeError: Engine core initialization failed. See root cause above. "
+           "Failed core proc(s): {}")
+if args.profiling_race_once and not os.path.exists(args.profiling_race_once):
+    open(args.profiling_race_once, "w").close()
+    print("(EngineCore pid=13318) ERROR 12-01 06:43:13 [core.py:1330] AssertionError: Error in memory profiling. "
+          "Initial free memory 131.21 GiB, current free memory 131.22 GiB. This happens when other processes sharing "
+          "the same container release GPU memory while vLLM is profiling during initialization.", flush=True)
+    print(GENERIC, flush=True)
+    sys.exit(1)
+if args.root_cause_above:
+    print("(EngineCore pid=13318) ERROR 12-01 06:43:13 [core.py:1330] Traceback (most recent call last):", flush=True)
+    print("(EngineCore pid=13318) ValueError: To serve at least one request with the models's max seq len (32768), "
+          "(0.88 GiB KV cache) is needed, which is larger than the available KV cache memory (0.10 GiB).", flush=True)
+    print(GENERIC, flush=True)
     sys.exit(1)
 
 

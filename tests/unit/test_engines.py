@@ -7,6 +7,7 @@ the runner's model states, the adapters on disk, the request list, the MLflow st
 """
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,6 +157,27 @@ def test_the_studys_engine_is_built_with_its_rank_seed_and_the_runtimes_eager_sw
     assert {key: eager[key] for key in ("seed", "max_lora_rank", "enforce_eager")} == {
         "seed": 5, "max_lora_rank": 16, "enforce_eager": True}
     assert compiled["enforce_eager"] is False
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (AssertionError("Error in memory profiling. Initial free memory 131.21 GiB, current free memory 131.22 GiB. "
+                    "This happens when other processes sharing the same container release GPU memory"),
+     r"^vLLM's start was upset by another process on this GPU freeing memory .*give vLLM its GPU alone$"),
+    (ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization`"),
+     r"^vLLM ran out of GPU memory with 50% of it \(No available memory .*lower HARNESS_VLLM_GPU_MEMORY"),
+])
+def test_vllms_start_up_failures_over_memory_are_one_line(monkeypatch, raised, expected):
+    """vLLM's own exceptions at engine build (their texts as vLLM 0.26 raised them on the H200) become one line;
+    `vllm.LLM` is the stand-in here: vLLM needs a GPU."""
+    from harness.generation.vllm_engine import VLLMEngine
+
+    def failing_llm(**_):
+        raise raised
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=failing_llm))
+    with pytest.raises(HarnessError, match=expected) as failure:
+        VLLMEngine("/nowhere", gpu_memory_utilization=0.5)
+    assert "\n" not in str(failure.value)
 
 
 def test_replies_go_back_to_their_generation_in_prompt_order_whatever_order_they_come_in(tokenizer):

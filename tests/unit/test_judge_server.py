@@ -78,6 +78,29 @@ def test_a_server_that_dies_at_start_is_one_line_naming_its_log(stand_in, tmp_pa
         build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), models)
 
 
+def test_a_start_upset_by_a_neighbour_freeing_memory_is_tried_again_and_then_serves(stand_in, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.setattr(vllm_server, "RETRY_PAUSE_S", 0.0)
+    marker = tmp_path / "failed-once"
+    server = vllm_server.shared_server("smollm2-135m-instruct", log_dir=tmp_path / "logs",
+                                       program=[*STAND_IN, "--profiling-race-once", str(marker)])
+    assert marker.exists() and server.healthy()
+    assert "failed vLLM's memory profiling" in capsys.readouterr().err
+    log = server.log_path.read_text()
+    assert log.count("Error in memory profiling") == 1 and "serving smollm2-135m-instruct" in log
+
+
+def test_a_start_that_fails_for_good_names_the_root_cause_not_vllms_generic_last_line(stand_in, tmp_path):
+    models = JudgeModels(8, serve_generation=True, server_log_dir=tmp_path / "logs",
+                         server_program=[*STAND_IN, "--root-cause-above"])
+    with pytest.raises(HarnessError) as failure:
+        build_judge(JudgeConfig(name="fulfilment", model="smollm2-135m-instruct"), models)
+    message = str(failure.value)
+    assert message.startswith("the judge server for 'smollm2-135m-instruct' stopped at start (exit 1): ValueError: "
+                              "To serve at least one request")
+    assert "Engine core initialization failed" not in message and "pid=" not in message and "\n" not in message
+
+
 def test_vllms_memory_shares_come_from_the_environment_and_a_bad_one_is_one_line(monkeypatch):
     from harness.generation.vllm_engine import gpu_memory_utilization
 
