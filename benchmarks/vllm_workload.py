@@ -130,9 +130,13 @@ def agreement(study: str, model_spec: str, limit_gaps: int) -> dict:
 
 
 def state_requests(client, state: dict, tokenizer) -> list[list[int]]:
-    """The state's greedy prompts, as the HF evaluation generated them (every benchmark), templated and tokenized."""
-    prompts = [prompt for (engine, _, _), (texts, _) in sorted(greedy_generations(client, state).items())
-               if engine == "hf" for prompt in texts]
+    """The state's greedy prompts, as the HF evaluation generated them (every benchmark once: of several HF steps,
+    the one that asked the most prompts), templated and tokenized."""
+    by_benchmark: dict[str, list[str]] = {}
+    for (engine, benchmark, _), (texts, _) in sorted(greedy_generations(client, state).items()):
+        if engine == "hf" and len(texts) > len(by_benchmark.get(benchmark, [])):
+            by_benchmark[benchmark] = texts
+    prompts = [prompt for _, texts in sorted(by_benchmark.items()) for prompt in texts]
     return [prompt_ids(tokenizer, prompt_text(tokenizer, [{"role": "user", "content": p}])) for p in prompts]
 
 

