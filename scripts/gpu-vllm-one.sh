@@ -21,20 +21,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export work=${WORK:-/root/work}
-export PYTHONPATH=/root/site:$PWD HARNESS_DATA_DIR=$work/shared/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
-export VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=5
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 model=qwen2.5-coder-1.5b-instruct
 study=study_b_qwen1.5b
-source scripts/gpu-lanes.sh  # timed, follow_lanes, pack_lanes
+source scripts/gpu-lanes.sh  # gpu_environment, vllm_setup, timed, follow_lanes, pack_lanes
+gpu_environment
 case "${1:-}" in
 setup)
     bash scripts/gpu-study-b.sh setup
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site \
-        /root/stage/out/typing_extensions-*.whl 2>&1 | tail -2
-    python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
-    python3 -c "from harness.models import resolve_model; print(resolve_model('$model').location)"
+    vllm_setup $model
     python3 - <<'PY'
 import os
 import yaml
@@ -84,8 +78,7 @@ wait)
 pack)
     pack_lanes
     cp "$work"/outputs/logs/judge-server-*.log "$OUT"/ 2>/dev/null || true
-    (cd "$work" && find artifacts -name generations.json -print0 | tar czf "$OUT/generations.tgz" --null -T -) || true
-    ls -la "$OUT"
+    pack_generations
     ;;
 *) echo "usage: bash scripts/gpu-vllm-one.sh setup|start|wait N|pack" >&2; exit 2 ;;
 esac
