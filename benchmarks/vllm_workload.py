@@ -163,10 +163,13 @@ STARTUP_VARIANTS = {
     "both": {"compilation_config": {"cudagraph_specialize_lora": False,
                                     "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}},
     "eager": {"enforce_eager": True},
+    "prompt-embeds": {"enable_prompt_embeds": True},
 }
 """Engine-build settings `startup` compares (vLLM 0.26's `LLM` arguments). By default vLLM captures CUDA graphs for
 51 batch sizes ([1, 2, 4] + 8..248 by 8 + 256..512 by 16), twice with LoRA enabled (with and without an active
-adapter: `cudagraph_specialize_lora`); every state but the base has an adapter, so one set may do."""
+adapter: `cudagraph_specialize_lora`); every state but the base has an adapter, so one set may do. `prompt-embeds`
+is what ProMoT's soft prompt would need (issue 22): vLLM 0.26 then leaves its V2 model runner for V1, for every state;
+that variant also checks that a prompt given as its token embeddings gets the reply its token ids get."""
 
 
 def startup(study: str, model_spec: str, max_new_tokens: int, rank: int, variant: str) -> dict:
@@ -182,9 +185,28 @@ def startup(study: str, model_spec: str, max_new_tokens: int, rank: int, variant
               "requests": sum(len(p) for _, p in work), "max_new_tokens": max_new_tokens,
               "startup_seconds": round(time.perf_counter() - start, 1)}
     result["per_state"] = served_states(engine, work, {"max_tokens": max_new_tokens, "temperature": 0.0})
+    if variant == "prompt-embeds":
+        result["embeds_match_ids"] = embeds_against_ids(engine, model_spec, work[0][1][:64], max_new_tokens)
     print(result, flush=True)
     engine.close()
     return result
+
+
+def embeds_against_ids(engine, model_spec: str, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Greedy replies of the base to prompts given as token ids and as those tokens' input embeddings (the HF
+    model's embedding table, bf16): how many are identical. Soft-prompt evaluation through vLLM rests on it."""
+    import torch
+    from vllm import SamplingParams
+
+    model, _ = load_model(model_spec, device="cpu")
+    table = model.get_input_embeddings()
+    settings = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    with torch.no_grad():
+        embedded = [{"prompt_embeds": table(torch.tensor(ids)).to(torch.bfloat16)} for ids in prompts]
+    by_ids = engine.llm.generate([{"prompt_token_ids": ids} for ids in prompts], settings, use_tqdm=False)
+    by_embeds = engine.llm.generate(embedded, settings, use_tqdm=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(by_ids, by_embeds))
+    return {"prompts": len(prompts), "identical": same}
 
 
 def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> dict:

@@ -14,8 +14,9 @@
 #           in vLLM's memory profiling when a neighbour freed memory)
 #        4. vLLM's start-up (benchmarks/vllm_workload.py startup), each variant in a fresh process with its own empty
 #           compile cache: one CUDA-graph set for LoRA, then vLLM's defaults; the multi-LoRA arm; then ten capture
-#           sizes with one graph set, ten capture sizes alone; last, the greedy step with HF's plain `generate`
-#           (the >= 3x target's baseline). Expect the device time to end around step 4: pack after each wait.
+#           sizes with one graph set, ten capture sizes alone, prompt embeddings on (what ProMoT's soft prompt
+#           needs: vLLM's V1 runner for every state; replies from embeddings against token ids); last, the greedy
+#           step with HF's plain `generate` (the >= 3x target's baseline). Expect the device time to end around step 4: pack after each wait.
 #     bash scripts/gpu-vllm-one.sh wait N    follow the logs for up to N seconds
 #     bash scripts/gpu-vllm-one.sh pack      results, logs, the store and the generations into $OUT
 set -euo pipefail
@@ -68,6 +69,7 @@ start)
         timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
         startup both
         startup ten-capture-sizes
+        startup prompt-embeds
         HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
         echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started
