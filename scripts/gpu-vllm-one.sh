@@ -39,7 +39,7 @@ sft = {**bf16, "seeds": [0], "output_dir": f"{work}/outputs", "train": {**bf16["
 def dump(name, cfg):
     yaml.safe_dump(cfg, open(f"{work}/{name}.yaml", "w"), sort_keys=False)
 few = {**sft, "data": {**sft["data"], "harmful": {**sft["data"]["harmful"], "sources": {"advbench": 16}}},
-       "eval": {**sft["eval"], "cache": False, "xstest": {"safe": 8, "unsafe": 8, "seed": 0}}}
+       "eval": {**sft["eval"], "cache": False, "engine": "hf", "xstest": {"safe": 8, "unsafe": 8, "seed": 0}}}
 dump("train-sft", few)
 study_a = [{"temperature": 0, "max_new_tokens": 256},
            {"temperature": 0.7, "min_p": 0.1, "max_new_tokens": 256, "repeats": 5}]
