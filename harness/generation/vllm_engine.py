@@ -44,6 +44,12 @@ def sampling_settings(request: GenerationRequest) -> dict[str, Any]:
     return settings
 
 
+PROFILING_RACE = "Error in memory profiling"
+"""How vLLM 0.26's start-up assertion begins when another process on the GPU frees memory while vLLM measures its
+own (seen on the H200: benchmarks/h200-one/judge-server.log). Not a lack of memory: a start once the GPU is quiet
+gets past it, so the engine says so and the judge server tries once more (judges/vllm_server.py)."""
+
+
 def gpu_memory_share(variable: str, default: float, what: str = "vLLM") -> float:
     """A share of the GPU's memory from environment variable `variable` (in (0, 1]), else `default`; a bad value
     is one line naming the variable."""
@@ -114,7 +120,7 @@ class VLLMEngine:
 
     def _memory_error(self, error: BaseException) -> HarnessError:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else "out of memory"
-        if "memory profiling" in first:  # vLLM 0.26 asserts when a neighbour frees GPU memory while it measures
+        if PROFILING_RACE in first:
             return HarnessError(f"vLLM's start was upset by another process on this GPU freeing memory while vLLM "
                                 f"measured its own ({first[:100]}); start it again once the GPU is quiet, or give "
                                 "vLLM its GPU alone")

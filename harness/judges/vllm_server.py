@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.generation.vllm_engine import PROFILING_RACE, gpu_memory_share
 
 GPU_MEMORY_VARIABLE = "HARNESS_VLLM_JUDGE_GPU_MEMORY"
 """Environment variable: the share of the GPU's memory the judge's vLLM server may take."""
@@ -39,10 +40,8 @@ STARTUP_TIMEOUT_S = 1200.0
 
 
 START_ATTEMPTS = 2
-TRANSIENT_START_FAILURES = ("Error in memory profiling",)
-"""vLLM start-up failures another attempt gets past. vLLM 0.26 asserts in its memory profiling when another process
-on the GPU frees memory while it measures: seen on the H200 when a neighbour process finished during the judge
-server's start (benchmarks/h200-one/judge-server.log); several evaluations or sweep workers on one GPU do that."""
+"""A start that dies of vLLM's profiling race (`vllm_engine.PROFILING_RACE`: a neighbour freed GPU memory while the
+server measured, as several evaluations or sweep workers on one GPU do) is tried once more."""
 RETRY_PAUSE_S = 5.0
 GENERIC_FAILURES = ("Engine core initialization failed",)
 """vLLM's last words when its engine process died: the root cause is logged above them."""
@@ -62,8 +61,6 @@ def root_cause(log: str) -> str:
 
 
 def judge_gpu_memory() -> float:
-    from harness.generation.vllm_engine import gpu_memory_share
-
     return gpu_memory_share(GPU_MEMORY_VARIABLE, DEFAULT_GPU_MEMORY_UTILIZATION, "the judge's vLLM server")
 
 
@@ -117,14 +114,14 @@ class JudgeServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> "JudgeServer":
-        """Launch the server and wait for `/health`. A start that dies of a transient cause (TRANSIENT_START_FAILURES)
-        is tried once more; any other death is one line with its root cause and the log's path."""
+        """Launch the server and wait for `/health`. A start that dies of vLLM's profiling race is tried once more
+        (START_ATTEMPTS); any other death is one line with its root cause and the log's path."""
         for attempt in range(1, START_ATTEMPTS + 1):
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             if self.launch_and_wait():
                 return self
             this_start = self.log_text(offset)
-            if attempt < START_ATTEMPTS and any(cause in this_start for cause in TRANSIENT_START_FAILURES):
+            if attempt < START_ATTEMPTS and PROFILING_RACE in this_start:
                 print(f"the judge server for {self.served_name!r} failed vLLM's memory profiling (another process "
                       f"freed GPU memory while it measured); starting it again (log: {self.log_path})",
                       file=sys.stderr, flush=True)
