@@ -38,13 +38,19 @@ import mlflow
 from harness.bench import explain_difference
 from harness.generation.batched import prompt_ids, prompt_text
 from harness.models import load_adapter, load_model, resolve_model, unload_adapter
+from tracking.schema import HARMFUL_MIX, WIKIHOW, XSTEST_SAFE, XSTEST_UNSAFE, Metric
+
+
+def study_experiment(client, study: str):
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        raise SystemExit(f"no experiment named {study!r} in {mlflow.get_tracking_uri()}")
+    return experiment
 
 
 def study_states(client, study: str) -> list[dict]:
     """The study's model states: the base and every checkpoint (not the soft-prompt evaluations), in run order."""
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        raise SystemExit(f"no experiment named {study!r} in {mlflow.get_tracking_uri()}")
+    experiment = study_experiment(client, study)
     runs = client.search_runs([experiment.experiment_id], "tags.`harness.kind` = 'checkpoint'",
                               order_by=["attributes.start_time ASC"], max_results=1000)
     states = []
@@ -149,9 +155,8 @@ def served_states(engine, work, settings: dict) -> dict:
     return {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1)}
 
 
-def study_work(client, study: str, model_spec: str) -> list[tuple[dict, list[list[int]]]]:
+def study_work(client, study: str, tokenizer) -> list[tuple[dict, list[list[int]]]]:
     """(state, its greedy prompts as token ids) for every state of the study that has HF generations."""
-    _, tokenizer = load_model(model_spec, device="cpu")
     work = [(state, state_requests(client, state, tokenizer)) for state in study_states(client, study)]
     return [(state, prompts) for state, prompts in work if prompts]
 
@@ -176,7 +181,8 @@ def startup(study: str, model_spec: str, max_new_tokens: int, rank: int, variant
     from harness.generation.vllm_engine import VLLMEngine, gpu_memory_utilization
 
     client = mlflow.MlflowClient()
-    work = study_work(client, study, model_spec)
+    model, tokenizer = load_model(model_spec, device="cpu")  # the tokenizer; the embedding table for prompt-embeds
+    work = study_work(client, study, tokenizer)
     start = time.perf_counter()
     engine = VLLMEngine(resolve_model(model_spec).location, gpu_memory_utilization=gpu_memory_utilization(),
                         max_lora_rank=rank, max_cpu_loras=len(work), **STARTUP_VARIANTS[variant])
@@ -186,20 +192,19 @@ def startup(study: str, model_spec: str, max_new_tokens: int, rank: int, variant
               "startup_seconds": round(time.perf_counter() - start, 1)}
     result["per_state"] = served_states(engine, work, {"max_tokens": max_new_tokens, "temperature": 0.0})
     if variant == "prompt-embeds":
-        result["embeds_match_ids"] = embeds_against_ids(engine, model_spec, work[0][1][:64], max_new_tokens)
+        result["embeds_match_ids"] = embeds_against_ids(engine, model.get_input_embeddings(), work[0][1][:64],
+                                                        max_new_tokens)
     print(result, flush=True)
     engine.close()
     return result
 
 
-def embeds_against_ids(engine, model_spec: str, prompts: list[list[int]], max_new_tokens: int) -> dict:
-    """Greedy replies of the base to prompts given as token ids and as those tokens' input embeddings (the HF
-    model's embedding table, bf16): how many are identical. Soft-prompt evaluation through vLLM rests on it."""
+def embeds_against_ids(engine, table, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Greedy replies of the base to prompts given as token ids and as those tokens' input embeddings (`table`: the
+    HF model's embedding layer; bf16): how many are identical. Soft-prompt evaluation through vLLM rests on it."""
     import torch
     from vllm import SamplingParams
 
-    model, _ = load_model(model_spec, device="cpu")
-    table = model.get_input_embeddings()
     settings = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     with torch.no_grad():
         embedded = [{"prompt_embeds": table(torch.tensor(ids)).to(torch.bfloat16)} for ids in prompts]
@@ -215,7 +220,8 @@ def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> di
     from harness.generation.vllm_engine import VLLMEngine, gpu_memory_utilization
 
     client = mlflow.MlflowClient()
-    work = study_work(client, study, model_spec)
+    _, tokenizer = load_model(model_spec, device="cpu")
+    work = study_work(client, study, tokenizer)
     adapters = [state["adapter"] for state, _ in work if state["adapter"]]
     settings = {"max_tokens": max_new_tokens, "temperature": 0.0}
     source = resolve_model(model_spec)
@@ -250,17 +256,17 @@ def multilora(study: str, model_spec: str, max_new_tokens: int, rank: int) -> di
     return result
 
 
-STEP_METRICS = {"harmful_mix": ("asr", "asr_ci_low", "asr_ci_high"), "xstest_unsafe": ("asr",),
-                "xstest_safe": ("over_refusal",), "wikihow": ("rouge_l", "sbert", "format_adherence")}
-"""The metrics `steps` reads per benchmark (the summary table's headline columns)."""
+STEP_METRICS = {HARMFUL_MIX: (Metric.ASR, Metric.ASR_CI_LOW, Metric.ASR_CI_HIGH), XSTEST_UNSAFE: (Metric.ASR,),
+                XSTEST_SAFE: (Metric.OVER_REFUSAL_RATE,),
+                WIKIHOW: (Metric.ROUGE_L, Metric.SBERT, Metric.FORMAT_ADHERENCE)}
+"""The metrics `steps` reads per benchmark (the summary table's headline columns; qlora_study_b.py's
+`checkpoint_rows` reads the same ones into its own table)."""
 
 
 def steps(study: str) -> tuple[list[dict], list[dict]]:
     """(per-state metric rows, per-step timing rows) of every evaluation step in the study's store."""
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        raise SystemExit(f"no experiment named {study!r} in {mlflow.get_tracking_uri()}")
+    experiment = study_experiment(client, study)
     runs = [run for kind in ("generation", "evaluation")
             for run in client.search_runs([experiment.experiment_id], f"tags.`harness.kind` = '{kind}'",
                                           max_results=5000)]
