@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.judges.vllm_server import free_port  # noqa: E402
 from tracking import RunHandle, Tracker  # noqa: E402
 from tracking.schema import Kind  # noqa: E402
 
@@ -36,9 +36,7 @@ EVALUATIONS = ["harmful_mix", "xstest_unsafe", "xstest_safe", "wikihow", "wikiho
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str, Path]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = folder / "server.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
