@@ -116,6 +116,7 @@ class JudgeServer:
     def start(self) -> "JudgeServer":
         """Launch the server and wait for `/health`. A start that dies of vLLM's profiling race is tried once more
         (START_ATTEMPTS); any other death is one line with its root cause and the log's path."""
+        atexit.register(self.close)
         for attempt in range(1, START_ATTEMPTS + 1):
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             if self.launch_and_wait():
@@ -140,7 +141,6 @@ class JudgeServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        atexit.register(self.close)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
