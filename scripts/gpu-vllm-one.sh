@@ -10,13 +10,16 @@
 #        2. a Study-A-sized step on those states: greedy plus 5 sampled repeats (T 0.7, min-p 0.1, Study A's plan),
 #           850 prompts each: 35,700 generations, past the 17,000-23,000 where vLLM's start-up was estimated to pay
 #           for itself (benchmarks/RESULTS.md, "Rerun with served adapters"): `harness evaluate` with vLLM, then HF
-#        3. StrongREJECT on the 1.5B served by vLLM's OpenAI server, alone (its first start on the last machine died
-#           in vLLM's memory profiling when a neighbour freed memory)
-#        4. vLLM's start-up (benchmarks/vllm_workload.py startup), each variant in a fresh process with its own empty
+#        3. StrongREJECT on the 1.5B served by vLLM's OpenAI server, alone, on step 2's greedy vLLM records (found in
+#           the store by identity, so nothing is generated again; its first start on the last machine died in vLLM's
+#           memory profiling when a neighbour freed memory)
+#        4. the greedy step with HF's plain `generate` (the >= 3x target's baseline; its finished states' spans count
+#           even if the device time ends during it)
+#        5. vLLM's start-up (benchmarks/vllm_workload.py startup), each variant in a fresh process with its own empty
 #           compile cache: one CUDA-graph set for LoRA, then vLLM's defaults; the multi-LoRA arm; then ten capture
 #           sizes with one graph set, ten capture sizes alone, prompt embeddings on (what ProMoT's soft prompt
-#           needs: vLLM's V1 runner for every state; replies from embeddings against token ids); last, the greedy
-#           step with HF's plain `generate` (the >= 3x target's baseline). Expect the device time to end around step 4: pack after each wait.
+#           needs: vLLM's V1 runner for every state; replies from embeddings against token ids).
+#           Expect the device time to end during step 4 or 5: pack after each wait.
 #     bash scripts/gpu-vllm-one.sh wait N    follow the logs for up to N seconds
 #     bash scripts/gpu-vllm-one.sh pack      results, logs, the store and the generations into $OUT
 set -euo pipefail
@@ -47,7 +50,9 @@ def evaluation(name, **settings):
     dump(name, {**sft, "eval": {**sft["eval"], "cache": False, **settings}})
 evaluation("evaluate-a-vllm", engine="vllm", seed=11, decoding=study_a)
 evaluation("evaluate-a-hf", engine="hf", seed=12, decoding=study_a)
-evaluation("evaluate-judge-served", engine="vllm", seed=6,
+# The served judge on evaluate-a-vllm's greedy records (same seed, engine and decoding: found in the store, so only
+# the judge's server starts on the GPU)
+evaluation("evaluate-judge-served", engine="vllm", seed=11, decoding=study_a[:1],
            judges=[{"name": "keyword"}, {"name": "strongreject", "model": "qwen2.5-coder-1.5b-instruct"}])
 evaluation("evaluate-plain", engine="hf", seed=2)  # with HARNESS_FAST_GENERATION=0: HF's plain `generate`
 PY
@@ -64,13 +69,13 @@ start)
             VLLM_CACHE_ROOT=$work/vllm-cache-\$1 timed startup-\$1 python3 benchmarks/vllm_workload.py startup \
                 --study $study --variant \$1 --out $work/startup-\$1.json
         }
+        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
         startup lora-one-graph-set
         startup default
         timed multilora python3 benchmarks/vllm_workload.py multilora --study $study --out $work/multilora.json
         startup both
         startup ten-capture-sizes
         startup prompt-embeds
-        HARNESS_FAST_GENERATION=0 timed evaluate-plain python3 -m harness.cli.main evaluate $work/evaluate-plain.yaml
         echo done > $work/all-done" < /dev/null > /dev/null 2>&1 &
     sleep 3; echo started
     ;;
