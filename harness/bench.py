@@ -216,18 +216,12 @@ def bench_generation(
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
-    vllm: bool = False,
 ) -> dict[str, Any]:
-    """Useful tokens/s of plain `generate` and the harness path, at each batch size and decoding; with `vllm`,
-    also vLLM (`eval.engine: vllm`) on the same prompts and reply lengths, after both HF paths."""
+    """Useful tokens/s of plain `generate` and the harness path, at each batch size and decoding. (The vLLM arm
+    that issue 22 measured here, benchmarks/RESULTS.md, went with the vLLM engine: harness/generation/engines.py.)"""
     for decoding in decodings:
         if decoding not in DECODINGS:
             raise HarnessError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
-    if vllm:
-        from harness.generation.engines import vllm_unavailable
-
-        if (reason := vllm_unavailable()) is not None:  # before minutes of HF measurements, not after
-            raise HarnessError(f"--vllm: vLLM cannot run here: {reason}")
     net, tokenizer = load_bench_model(model, device, dtype)
     rng = random.Random(seed)
     prompt_ids = _prompt_ids(net, tokenizer, prompts, prompt_tokens, rng)
@@ -285,80 +279,7 @@ def bench_generation(
               "prompt_tokens": prompt_tokens if tokenizer is None else "chat prompts",
               "max_new_tokens": max_new_tokens, "lengths": lengths, "runs": runs, "summary": summary,
               "greedy_divergences": divergences, "harness_profile": profiles}
-    if vllm:
-        result["vllm"] = bench_vllm(net, model, tokenizer, prompt_ids, limits, decodings, stop_on_eos, seed,
-                                    {decoding: outputs["plain", decoding, batches[0]] for decoding in decodings})
-        for row in summary:
-            measured = next(r for r in result["vllm"]["runs"] if r["decoding"] == row["decoding"])
-            row["vllm_tokens_per_second"] = measured["tokens_per_second"]
-            row["vllm_ratio"] = round(measured["tokens_per_second"] / row["plain_tokens_per_second"], 2)
-            row["vllm_over_harness"] = round(measured["tokens_per_second"] / row["harness_tokens_per_second"], 2)
-            if "greedy_identical_to_plain" in measured:
-                row["vllm_greedy_identical"] = measured["greedy_identical_to_plain"]
     return result
-
-
-def bench_vllm(net: Any, model: str, tokenizer: Any, prompt_ids: list[list[int]], limits: list[int],
-               decodings: list[str], stop_on_eos: bool, seed: int, plain: dict[str, list[list[int]]]) -> dict[str, Any]:
-    """vLLM on the same prompts and reply lengths, through the engine the evaluation uses (VLLMEngine).
-
-    A random-weights architecture starts from its config with dummy weights and is then given the HF model's own
-    random weights through `load_weights`, so its greedy replies can be compared with plain `generate`'s; a real
-    model loads its directory. Engine start-up (weights, torch.compile,
-    CUDA graphs) is reported apart: it is paid once per evaluation step, not per state. Each sampled request has its
-    own seed, as in the evaluation."""
-    import tempfile
-
-    import vllm as vllm_package
-
-    from harness.generation.vllm_engine import VLLMEngine, gpu_memory_utilization
-
-    longest = max(len(p) for p in prompt_ids) + max(limits) + 8
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        if model in ARCHITECTURES:
-            net.config.save_pretrained(folder)
-            engine = VLLMEngine(folder, gpu_memory_utilization=gpu_memory_utilization(), max_model_len=longest,
-                                load_format="dummy", skip_tokenizer_init=True)
-            engine.load_weights(net.state_dict())
-        else:
-            from harness.models import resolve_model
-
-            source = resolve_model(model)
-            engine = VLLMEngine(source.location, revision=source.revision,
-                                gpu_memory_utilization=gpu_memory_utilization(), max_model_len=longest)
-    startup = time.perf_counter() - start
-    try:
-        engine.generate_tokens(prompt_ids[:8], [{"max_tokens": 4, "temperature": 0.0}] * 8)  # warm-up
-        runs = []
-        for decoding in decodings:
-            temperature, top_p, min_p = DECODINGS[decoding]
-            settings = []
-            for index, limit in enumerate(limits):
-                options = {"max_tokens": limit, "temperature": temperature, "ignore_eos": not stop_on_eos}
-                if temperature:
-                    options.update(top_p=top_p, min_p=min_p or 0.0, seed=seed * 100_003 + index)
-                settings.append(options)
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            replies = engine.generate_tokens(prompt_ids, settings)
-            seconds = time.perf_counter() - begin
-            tokens = sum(len(r) for r in replies)
-            run = {"path": "vllm", "decoding": decoding, "tokens": tokens, "seconds": round(seconds, 3),
-                   "tokens_per_second": round(tokens / seconds, 1)}
-            if decoding == "greedy":
-                reference = plain[decoding]
-                run["greedy_identical_to_plain"] = sum(a == b for a, b in zip(reference, replies))
-                gaps = [explain_difference(net, prompt_ids[i], reference[i], replies[i])
-                        for i in range(len(reference)) if reference[i] != replies[i]][:32]
-                if gaps:
-                    run["largest_gap_at_divergence"] = max(abs(d["logit_gap"]) for d in gaps)
-                    run["median_gap_at_divergence"] = sorted(abs(d["logit_gap"]) for d in gaps)[len(gaps) // 2]
-            runs.append(run)
-    finally:
-        engine.close()
-    return {"version": vllm_package.__version__, "startup_seconds": round(startup, 1),
-            "gpu_memory_utilization": engine.gpu_memory_utilization, "runs": runs}
 
 
 def explain_difference(model: Any, prompt: list[int], plain: list[int], fast: list[int]) -> dict[str, Any]:
@@ -567,9 +488,7 @@ def _environment(model: Any, name: str) -> dict[str, Any]:
 _SHORT = {"tokens_per_second": "tok/s", "peak_memory_gib": "peak GiB", "plain_tokens_per_second": "plain tok/s",
           "harness_tokens_per_second": "harness tok/s", "plain_best_batch": "plain batch",
           "harness_best_batch": "harness batch", "greedy_identical": "greedy same", "greedy_compared": "of", "plain_vs_plain_identical": "plain vs plain",
-          "max_relative_loss_difference": "max rel. loss diff", "largest_gap_at_divergence": "max |logit gap|",
-          "vllm_tokens_per_second": "vLLM tok/s", "vllm_ratio": "vLLM / plain", "vllm_over_harness": "vLLM / harness",
-          "vllm_greedy_identical": "vLLM greedy same"}
+          "max_relative_loss_difference": "max rel. loss diff", "largest_gap_at_divergence": "max |logit gap|"}
 
 
 def report(result: dict[str, Any], json_path: str | Path | None) -> None:

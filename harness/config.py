@@ -442,6 +442,12 @@ class JudgeConfig(Strict):
     StrongREJECT's reasoning)."""
     quantize_4bit: bool = False
     """Load the judge in 4-bit (GPU only)."""
+    engine: Literal["hf", "vllm"] = Field("hf", exclude_if=lambda engine: engine == "hf")
+    """Where a local judge that writes its answer ('llm', 'fulfilment', 'strongreject') runs: 'hf' (transformers
+    `generate`), or 'vllm': the harness starts vLLM's OpenAI-compatible server of the judge's model once per process
+    (needs CUDA and `pip install -e '.[vllm]'`; harness/judges/vllm_server.py) and asks it. Verdicts are tagged
+    `name:version@vllm`, apart from the same judge's HF ones. Judges that read label probabilities stay on HF. Left
+    out of the resolved config while 'hf'."""
 
     @field_validator("name")
     @classmethod
@@ -461,6 +467,11 @@ class JudgeConfig(Strict):
             if kind.default_model is None:
                 raise ValueError(f"the '{self.name}' judge needs 'model' (alias, hub id or path)")
             self.model = kind.default_model
+        if self.engine == "vllm" and (not kind.needs_model or kind.served or kind.reads_labels or self.base_url):
+            raise ValueError(f"engine: vllm serves a local judge model that writes its answer; the '{self.name}' judge "
+                             + ("reads label probabilities, which stay on HF" if kind.reads_labels
+                                else "is asked on a server already (base_url)" if self.base_url or kind.served
+                                else "has no model"))
         return self
 
 
@@ -542,12 +553,20 @@ class EvalConfig(Strict):
     """Base seed for sampled decoding; repeat r uses seed + r."""
     toxicity: ToxicityConfig | None = None
     """Toxicity of responses to the chosen harmful categories (`toxicity_mean`, `toxicity_max`); null = off."""
-    engine: Literal["hf", "vllm", "auto"] = Field("auto", exclude_if=lambda engine: engine == "auto")
-    """What generates the evaluated model's responses: 'hf' (transformers `generate`, the fast path on CUDA),
-    'vllm' (needs CUDA and `pip install -e '.[vllm]'`; each checkpoint's adapter is merged into the weights of one
-    running engine), or 'auto' (vllm when CUDA and the vllm extra are present, else hf). The engine a generation was
-    made with is part of its identity and its `harness.engine` tag, so two engines' responses are never mixed in one
-    evaluation (harness/generation/engines.py). Left out of the resolved config while 'auto'."""
+    engine: Literal["hf", "auto"] = Field("auto", exclude_if=lambda engine: engine == "auto")
+    """What generates the evaluated model's responses: transformers `generate` (the fast path on CUDA) whether 'hf'
+    or 'auto'. 'vllm' was removed after it measured no faster on the real workload (issue 22;
+    harness/generation/engines.py says why) and is refused in one line. Left out of the resolved config while
+    'auto', so existing config hashes stay the same."""
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _no_vllm(cls, engine: object) -> object:
+        if engine == "vllm":
+            raise ValueError("the vllm engine was removed (issue 22: on the H200 it generated the real workload no "
+                             "faster than HF's fast path and started 1-2 minutes slower); set eval.engine: hf or "
+                             "leave it out. A judge can still be served by vLLM: judges[].engine: vllm")
+        return engine
 
     @field_validator("decoding")
     @classmethod
@@ -578,7 +597,7 @@ class RuntimeConfig(Strict):
     (the same config hash whatever these are), but every run records them (harness/runtime.py: tags
     `harness.runtime` and `harness.runtime_overrides`). Each may be overridden by an environment variable
     (`HARNESS_PROMOT_PRECISION`, `HARNESS_PROMOT_ATTENTION`, `HARNESS_PROMOT_MICRO_BATCH`, `HARNESS_FAST_TRAINING`,
-    `HARNESS_FAST_GENERATION`, `HARNESS_VLLM_EAGER`), and the run records which did."""
+    `HARNESS_FAST_GENERATION`), and the run records which did."""
 
     promot_precision: Literal["fp32", "bf16"] = "fp32"
     """ProMoT's weights on CUDA: 'fp32' (TF32 matmuls; measured to stay finite, issue 12) or 'bf16' (less memory;
@@ -594,10 +613,6 @@ class RuntimeConfig(Strict):
     fast_generation: bool = True
     """Take the fast generation path on CUDA for models it supports (harness/generation/fast.py); false: plain
     transformers `generate`."""
-    vllm_eager: bool = False
-    """`eval.engine: vllm` without `torch.compile` and CUDA graphs (vLLM's `enforce_eager`): a faster engine start,
-    slower generation. On the H200 the start cost about 80 s more than HF's model load, which a study of 13 model
-    states did not earn back (benchmarks/RESULTS.md, "vLLM"); true trades generation speed for that start."""
 
 
 class ExperimentConfig(Strict):

@@ -45,9 +45,9 @@ def one_line_errors(command):
             raise typer.Exit(code=130) from None
         except MemoryError_ as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
-            # Where vLLM shares the GPU (eval.engine: vllm), its engine and judge servers hold fixed shares of it.
-            shares = ("; vLLM holds HARNESS_VLLM_GPU_MEMORY (and a judge server HARNESS_VLLM_JUDGE_GPU_MEMORY) of the "
-                      "GPU: lower those, or set eval.engine: hf" if "vllm" in sys.modules else "")
+            # A judge served by vLLM (judges[].engine: vllm) holds a fixed share of the GPU in its server process.
+            shares = ("; a judge's vLLM server holds HARNESS_VLLM_JUDGE_GPU_MEMORY of the GPU: lower it, or set the "
+                      "judge's engine: hf" if "harness.judges.vllm_server" in sys.modules else "")
             print(f"error: GPU out of memory ({first[:160]}); lower eval.batch_size, or for training train.batch_size "
                   "(raising grad_accum keeps the effective batch), or set train.gradient_checkpointing"
                   f"{shares}; rerun to resume", file=sys.stderr)

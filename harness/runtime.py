@@ -31,7 +31,6 @@ ENV = {
     "promot_micro_batch": "HARNESS_PROMOT_MICRO_BATCH",
     "fast_training": "HARNESS_FAST_TRAINING",
     "fast_generation": "HARNESS_FAST_GENERATION",
-    "vllm_eager": "HARNESS_VLLM_EAGER",
 }
 """Each `runtime:` setting's environment variable; a set (non-empty) one overrides the config."""
 
@@ -49,7 +48,6 @@ class Runtime:
     promot_micro_batch: int | None = None
     fast_training: bool = True
     fast_generation: bool = True
-    vllm_eager: bool = False
     from_env: frozenset[str] = field(default_factory=frozenset)
     """Names of the settings (keys of ENV) that an environment variable set."""
 

@@ -276,8 +276,8 @@ def _check_steps(cfg):
 
     def gpu_step() -> list[str]:
         """What needs a GPU: 4-bit loading fails here at once; 8-bit AdamW falls back (the run's tag says so); the
-        evaluation engine is the one `eval.engine` resolves to on this machine."""
-        from harness.generation.engines import resolve_engine
+        judge served by vLLM (`engine: vllm`) needs CUDA and the vllm package."""
+        from harness.judges.vllm_server import vllm_unavailable
         from harness.models import require_four_bit
         from harness.training.sft import resolve_optimizer
 
@@ -288,10 +288,13 @@ def _check_steps(cfg):
         for judge in cfg.eval.judges:
             if judge.quantize_4bit:
                 require_four_bit(f"eval.judges ({judge.name}): quantize_4bit")
+            if judge.engine == "vllm":
+                if (reason := vllm_unavailable()) is not None:
+                    raise HarnessError(f"eval.judges ({judge.name}): engine: vllm cannot run here: {reason}; "
+                                       "set engine: hf")
+                lines.append(f"eval.judges ({judge.name}): served by vLLM's OpenAI-compatible server")
         if train.optimizer != "adamw_torch":
             lines.append(f"train.optimizer {train.optimizer}: runs as {resolve_optimizer(train.optimizer)[1]}")
-        engine = resolve_engine(cfg.eval.engine, quantized=train.quantize_4bit)
-        lines.append(f"eval.engine {cfg.eval.engine}: generates with {engine} here")
         return lines
 
     steps = [("data", data_step), ("model", lambda: [check_model(cfg.model)]), ("gpu", gpu_step)]
@@ -364,8 +367,6 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16 or float32"),
     json_path: Path = typer.Option(None, "--json", help="Where to write the JSON result (default outputs/bench-...)"),
-    vllm: bool = typer.Option(False, "--vllm", help="Generation: also vLLM on the same prompts (needs CUDA and the "
-                                                    "vllm extra), after both HF paths"),
 ) -> None:
     """Harness fast path against the plain baseline in one process: tokens/s, ratio, peak memory; table and JSON."""
     from harness.bench import bench_generation, bench_training, report
@@ -379,10 +380,8 @@ def bench(
         decodings = ["greedy", "sampled"] if decoding == "both" else [decoding]
         result = bench_generation(
             model, prompts=prompts, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, lengths=lengths,
-            batches=batches, decodings=decodings, vllm=vllm, **options,
+            batches=batches, decodings=decodings, **options,
         )
-    elif vllm:
-        raise HarnessError("--vllm measures generation only: use it with --task generation")
     elif task == "training":
         result = bench_training(
             model, batch=batches[0], seq_len=seq_len, lengths=lengths, steps=steps, checkpointing=checkpointing,

@@ -13,10 +13,10 @@ runs only the new judge; a decoding added generates only the new decoding's resp
 selection makes new generations and evaluations beside the old ones (`harness.selection` tells them apart, and
 the study records which selection is current). The model is loaded only when something must be generated.
 
-Generation goes through a flat request list (harness/generation/requests.py) to the study's engine
-(`eval.engine`, harness/generation/engines.py): HF `generate` on the opened model, or one vLLM engine on the base
-weights serving the state's adapter. Every generation run is tagged `harness.engine`; an engine other than HF is also part of
-its identity.
+Generation goes through a flat request list (harness/generation/requests.py) to HF `generate` on the opened model
+(harness/generation/engines.py; its CUDA fast path where it applies). Every generation run is tagged
+`harness.engine` (`hf`). A record that names another engine in its identity (vLLM's, made before issue 22 removed
+that engine) is never taken for an HF one.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from harness.config import config_hash
 from harness.evals.benchmarks import Benchmark, EvaluationSetup, Scoring, active_benchmarks
 from harness.errors import HarnessError
 from harness.generation.cache import CacheScope
-from harness.generation.engines import AdapterServingEngine, engine_cache_key, generate_hf, resolve_engine
+from harness.generation.engines import ENGINE, generate_hf
 from harness.generation.requests import assign_results, build_requests
 from tracking import RunHandle, Tracker
 from tracking.schema import Kind, Tag
@@ -45,23 +45,6 @@ GENERATIONS_FILE = "generations.json"
 
 ModelOpener = Callable[[], AbstractContextManager]
 """Opens the model state for generation: a context manager yielding (model, cache state id)."""
-
-
-@dataclass
-class ModelState:
-    """A model state either engine can generate from. Called, it is a `ModelOpener` (the HF engine's view: the model
-    with its adapter). `adapter()` is the view of an engine that holds the base model and serves adapters (vLLM): a
-    context manager yielding (cache state id, the state's LoRA adapter directory, or None for the base). A plain
-    `ModelOpener` (ProMoT's soft prompt, which vLLM is not fed) is generated with HF whatever the study's engine, and
-    recorded so. (vLLM takes soft prompts only as `prompt_embeds`, which 0.26's V2 model runner lists among the
-    features it does not support, `VllmConfig._get_v2_model_runner_unsupported_features`: turning it on would change
-    the runner of every other state too.)"""
-
-    open: ModelOpener
-    adapter: Callable[[], AbstractContextManager] | None = None
-
-    def __call__(self) -> AbstractContextManager:
-        return self.open()
 
 
 def panel_metric_names(labels: list[str]) -> list[str]:
@@ -117,8 +100,6 @@ class PlannedGeneration:
     run_id: str | None
     """The FINISHED generation run of this identity: found in the store, or recorded by this invocation."""
     evaluations: list[PlannedEvaluation] = field(default_factory=list)
-    engine: str = "hf"
-    """What generates (generated) its responses: part of `identity` and tagged `harness.engine`."""
 
     @property
     def missing(self) -> list[PlannedEvaluation]:
@@ -134,26 +115,6 @@ class StateEvaluator:
         self.tokenizer = tokenizer
         self.counts: Counter = Counter()
         self.benchmarks = active_benchmarks(setup)
-        # One engine for the whole evaluation step, decided (and an impossible `vllm` refused) before any run exists.
-        self.engine = resolve_engine(setup.cfg.eval.engine, quantized=setup.cfg.train.quantize_4bit)
-        self.engine_factory: Callable[[], AdapterServingEngine] = self.default_engine
-        """Makes the adapter-serving engine on first use (tests put a stand-in here: vLLM needs a GPU)."""
-        self._serving_engine = None
-
-    def default_engine(self):
-        from harness.generation.vllm_engine import engine_for
-
-        return engine_for(self.setup.cfg)
-
-    def serving_engine(self) -> AdapterServingEngine:
-        """The study's adapter-serving engine, made once and reused by every state."""
-        if self._serving_engine is None:
-            self._serving_engine = self.engine_factory()
-        return self._serving_engine
-
-    def state_engine(self, open_model) -> str:
-        """The engine this state is generated with: the study's, unless only HF can open the state."""
-        return self.engine if getattr(open_model, "adapter", None) is not None else "hf"
 
     def current_selection(self, score_formats: list[str]) -> dict[str, str]:
         """Benchmark → selection hash of the current config's prompts."""
@@ -164,8 +125,7 @@ class StateEvaluator:
                  open_model: ModelOpener) -> dict[str, float]:
         """Make what is missing under checkpoint run `parent_id`; return the summary's headline metrics (first
         decoding setting, repeat 0) of the evaluations that match the current config."""
-        plan = self.plan(parent_id, unit, tags, state_id=state_id, score_formats=score_formats,
-                         engine=self.state_engine(open_model))
+        plan = self.plan(parent_id, unit, tags, state_id=state_id, score_formats=score_formats)
         responses = self.generate_missing(parent_id, unit, tags, plan, open_model)
         headline: dict[str, float] = {}
         for generation in plan:
@@ -221,8 +181,8 @@ class StateEvaluator:
         return [dict(zip(table["columns"], row)) for row in table["data"]]
 
     # -- what exists, what is missing ---------------------------------------------------------------------
-    def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str, score_formats: list[str],
-             engine: str = "hf") -> list[PlannedGeneration]:
+    def plan(self, parent_id: str, unit: dict, tags: dict, *, state_id: str,
+             score_formats: list[str]) -> list[PlannedGeneration]:
         cfg = self.setup.cfg
         stored = {(run.data.tags.get(Tag.KIND.key), run.data.tags.get(Tag.CONFIG_HASH.key)): run
                   for run in self.tracker.search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -239,16 +199,13 @@ class StateEvaluator:
                 for benchmark, prompts, scorings in prompt_sets:
                     identity = {"state": state_id, "benchmark": benchmark.name,
                                 "prompts_sha256": prompts_sha256(prompts), "decoding": decoding.model_dump(mode="json"),
-                                "repeat": repeat, "seed_eval": seed,
-                                # HF `generate` is the reference engine, so its records keep the identity they had
-                                # before the engine was a choice; any other engine is in the identity, so two
-                                # engines' responses never share a record (and stores of schema 2 stay valid).
-                                **({"engine": engine} if engine != "hf" else {})}
+                                # no engine field: HF's records kept the identity they had before vLLM was a
+                                # choice, and vLLM's (which named their engine) stay apart from them
+                                "repeat": repeat, "seed_eval": seed}
                     digest = config_hash(identity)
                     found = stored.get((Kind.GENERATION, digest))
                     generation = PlannedGeneration(benchmark, prompts, decoding_index, decoding, repeat, seed, suffix,
-                                                   identity, digest, found.info.run_id if found is not None else None,
-                                                   engine=engine)
+                                                   identity, digest, found.info.run_id if found is not None else None)
                     for scoring in scorings:
                         eval_hash = config_hash({"generation": digest, **scoring.identity})
                         generation.evaluations.append(
@@ -259,14 +216,12 @@ class StateEvaluator:
     # -- generation records -------------------------------------------------------------------------------
     def generate_missing(self, parent_id: str, unit: dict, tags: dict, plan: list[PlannedGeneration],
                          open_model: ModelOpener) -> dict[str, list[str]]:
-        """Generate every record that a missing evaluation needs and the store lacks. HF: one `generate` call per
-        (decoding, repeat) over all benchmarks' prompts, so batches stay full, each group recorded as it finishes;
-        vLLM: one call for the whole state. Returns hash → responses."""
+        """Generate every record that a missing evaluation needs and the store lacks: one `generate` call per
+        (decoding, repeat) over all benchmarks' prompts, so batches stay full, each group recorded as it finishes.
+        Returns hash → responses."""
         needed = [generation for generation in plan if generation.missing and generation.run_id is None]
         if not needed:
             return {}
-        if needed[0].engine != "hf":
-            return self.generate_served(parent_id, unit, tags, needed, open_model)
         responses: dict[str, list[str]] = {}
         with open_model() as (model, cache_state):
             cache = self.setup_cache(cache_state)
@@ -280,42 +235,12 @@ class StateEvaluator:
                         self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
         return responses
 
-    def generate_served(self, parent_id: str, unit: dict, tags: dict, needed: list[PlannedGeneration],
-                        state: ModelState) -> dict[str, list[str]]:
-        """An adapter-serving engine (vLLM) on one state: every missing record's requests in one `generate` call with
-        the state's adapter, then the engine put to sleep (the GPU is free for training until the next state).
-        Replies found in the generation cache are not generated again."""
-        responses: dict[str, list[str]] = {}
-        with state.adapter() as (cache_state, adapter):
-            cache = self.setup_cache(cache_state)
-            requests = build_requests(needed, self.tokenizer)
-            keys = {}
-            if cache is not None:
-                for generation in needed:
-                    mine = [request for request in requests if request.key[0] == generation.config_hash]
-                    keys[generation.config_hash] = engine_cache_key(cache, mine, generation.engine)
-                    cached = cache.cache.get(keys[generation.config_hash], len(mine))
-                    if cached is not None:
-                        responses[generation.config_hash] = cached
-            todo = [request for request in requests if request.key[0] not in responses]
-            if todo:
-                engine = self.serving_engine()
-                made = assign_results(needed, todo, engine.generate(todo, adapter))
-                for digest, texts in made.items():
-                    if cache is not None:
-                        cache.cache.put(keys[digest], texts)
-                responses.update(made)
-                engine.sleep()
-        for generation in needed:
-            self.record_generation(parent_id, unit, tags, generation, responses[generation.config_hash])
-        return responses
-
     def setup_cache(self, cache_state: str) -> CacheScope | None:
         cache = self.setup.generation_cache
         return CacheScope(cache, cache_state) if cache is not None else None
 
     def generation_tags(self, tags: dict, generation: PlannedGeneration) -> dict:
-        return {**tags, Tag.ENGINE: generation.engine, Tag.TEMPERATURE: generation.decoding.temperature,
+        return {**tags, Tag.ENGINE: ENGINE, Tag.TEMPERATURE: generation.decoding.temperature,
                 Tag.MIN_P: generation.decoding.min_p,
                 Tag.REPEAT: generation.repeat, Tag.BENCHMARK: generation.benchmark.name,
                 Tag.SELECTION: selection_hash(generation.benchmark.name, generation.prompts)}

@@ -1,9 +1,9 @@
-"""One model state's missing generations as a flat list of requests, and the engines' replies back onto them.
+"""One model state's missing generations as a flat list of requests, and the replies back onto them.
 
 Why a list of requests: the evaluation plans generations as (benchmark × decoding × repeat) records
-(harness/evals/state.py), but an engine wants prompts. Building the list in one pure place means the HF engine
-and vLLM see the very same token ids, sampling settings and seeds, and the mapping back (which reply belongs to
-which record, in which order) is written once and unit-tested without a model.
+(harness/evals/state.py), but `generate` wants prompts. Building the list in one pure place keeps the token ids,
+sampling settings and seeds in one spot, and the mapping back (which reply belongs to which record, in which
+order) is written once and unit-tested without a model.
 
 A planned generation is anything with `config_hash`, `prompts` (user turns), `decoding` (temperature, top_p,
 min_p, max_new_tokens), `seed` (eval.seed + repeat), `decoding_index`, `repeat`, `suffix` and `benchmark.name`.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.generation.batched import _seed, prompt_ids, prompt_text
+from harness.generation.batched import prompt_ids, prompt_text
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,12 @@ class GenerationRequest:
     max_new_tokens: int
     seed: int
     """The generation's seed (eval.seed + repeat): the HF engine seeds each batch from it, as it always has."""
-    request_seed: int
-    """This request's own seed, for engines that seed every request (vLLM's SamplingParams.seed): derived from
-    `seed` with the HF path's hash, per (benchmark, prompt index), so a sampled repeat draws the same whatever
-    else is generated in the same call."""
     key: tuple[str, int]
     """(generation config hash, prompt index): where the reply goes back."""
     group: tuple[int, int]
     """(decoding index, repeat): the HF engine makes one `generate` call per group, as before requests existed."""
     label: str
     """The generation's run-name suffix (`T0`, `T0.7-r1`), for progress bars."""
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 def build_requests(generations: Sequence[Any], tokenizer: Any) -> list[GenerationRequest]:
@@ -64,7 +56,6 @@ def build_requests(generations: Sequence[Any], tokenizer: Any) -> list[Generatio
             requests.append(GenerationRequest(
                 prompt=text, prompt_ids=ids, temperature=decoding.temperature, top_p=decoding.top_p,
                 min_p=decoding.min_p, max_new_tokens=decoding.max_new_tokens, seed=generation.seed,
-                request_seed=_seed(generation.seed, f"{generation.benchmark.name}/{index}"),
                 key=(generation.config_hash, index), group=(generation.decoding_index, generation.repeat),
                 label=generation.suffix,
             ))

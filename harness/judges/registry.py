@@ -777,24 +777,26 @@ class JudgeModels:
     shared by every judge that names it; with a generation cache, a judge's answers are cached under its
     model's digest (a rerun that re-judges stored responses asks the model nothing new).
 
-    With `serve_generation` (the evaluation generates with vLLM), a judge that writes its answer is asked through a
-    vLLM server of its model instead (`served_endpoint`, harness/judges/vllm_server.py)."""
+    A judge configured with `engine: vllm` that writes its answer is asked through a vLLM server of its model instead
+    (`served_endpoint`, harness/judges/vllm_server.py)."""
 
-    def __init__(self, batch_size: int, cache=None, *, serve_generation: bool = False,
-                 server_log_dir: Path | None = None, server_program: list[str] | None = None):
+    def __init__(self, batch_size: int, cache=None, *, server_log_dir: Path | None = None,
+                 server_program: list[str] | None = None):
         self.batch_size = batch_size
         self.cache = cache
         self.loaded: dict[tuple[str, bool], tuple] = {}
-        self.serve_generation = serve_generation
         self.server_log_dir = Path(server_log_dir or ".")
         self.server_program = server_program
 
     def served_endpoint(self, settings) -> ChatEndpoint | None:
         """A `ChatEndpoint` on a vLLM server of the judge's model (started on first use and shared by every judge and
-        runner of this process that names the model), or None when judges run on HF here."""
-        if not self.serve_generation:
+        runner of this process that names the model), or None for a judge on HF (`engine: hf`)."""
+        if getattr(settings, "engine", "hf") != "vllm":
             return None
-        from harness.judges.vllm_server import shared_server
+        from harness.judges.vllm_server import shared_server, vllm_unavailable
+
+        if self.server_program is None and (reason := vllm_unavailable()) is not None:
+            raise HarnessError(f"judge '{settings.name}': engine: vllm cannot run here: {reason}; set engine: hf")
 
         server = shared_server(settings.model, log_dir=self.server_log_dir, quantize_4bit=settings.quantize_4bit,
                                program=self.server_program)

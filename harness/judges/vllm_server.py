@@ -1,13 +1,17 @@
-"""A generative judge's model served by vLLM (issue 22): when the evaluation generates with vLLM, a local judge that
-writes its answer (StrongREJECT's reasoning, the fulfilment judge) is asked through vLLM's OpenAI-compatible server
+"""A generative judge's model served by vLLM (issue 22): a local judge that writes its answer (StrongREJECT's
+reasoning, the fulfilment judge) configured with `engine: vllm` is asked through vLLM's OpenAI-compatible server
 instead of HF `generate`.
 
-Why a server in its own process, and not a second `vllm.LLM` beside the evaluation's engine: two engines in one
-process share vLLM's process-wide state (its distributed group, compile cache, CUDA graphs), while a child process
-is what vLLM itself runs in production, and the harness already asks OpenAI-compatible servers well
-(`registry.ChatEndpoint`: concurrency, retries, log-probabilities). The server takes its own share of the GPU
-(`HARNESS_VLLM_JUDGE_GPU_MEMORY`, default 0.3) beside the evaluation's engine (`HARNESS_VLLM_GPU_MEMORY`, 0.5),
-so the model under study and the judge need not leave the GPU in turn.
+Why judges keep vLLM when the evaluated model's generation does not: a judge is one base model with no adapter, the
+case where vLLM measured fastest (2.3-3.0x plain `generate` on the 8B architecture, benchmarks/RESULTS.md), while
+the states under study are adapters, which vLLM served no faster than the harness's own path (issue 22 removed
+that engine: harness/generation/engines.py).
+
+Why a server in its own process, and not `vllm.LLM` in the harness's: vLLM's process-wide state (its distributed
+group, compile cache, CUDA graphs) stays out of the evaluation's process, a child process is what vLLM itself runs
+in production, and the harness already asks OpenAI-compatible servers well (`registry.ChatEndpoint`: concurrency,
+retries, log-probabilities). The server takes its own share of the GPU (`HARNESS_VLLM_JUDGE_GPU_MEMORY`, default
+0.3), so the model under study and the judge need not leave the GPU in turn.
 
 Judges that read label probabilities (llm, harmbench, llamaguard, wildguard, trained) stay on their local HF model:
 they run one forward pass over the prompt and generate nothing, the part of the work where vLLM is not faster.
@@ -18,6 +22,7 @@ same judge's HF ones.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import re
 import signal
@@ -30,7 +35,6 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.generation.vllm_engine import PROFILING_RACE, gpu_memory_share
 
 GPU_MEMORY_VARIABLE = "HARNESS_VLLM_JUDGE_GPU_MEMORY"
 """Environment variable: the share of the GPU's memory the judge's vLLM server may take."""
@@ -39,14 +43,44 @@ STARTUP_TIMEOUT_S = 1200.0
 """An 8B judge's server starts in 1-3 minutes on an H200 (weights, compilation, CUDA graphs); a cold download longer."""
 
 
+PROFILING_RACE = "Error in memory profiling"
+"""How vLLM 0.26's start-up assertion begins when another process on the GPU frees memory while vLLM measures its
+own (seen on the H200: benchmarks/h200-one/judge-server.log). Not a lack of memory: a start once the GPU is quiet
+gets past it, so the server is tried once more."""
 START_ATTEMPTS = 2
-"""A start that dies of vLLM's profiling race (`vllm_engine.PROFILING_RACE`: a neighbour freed GPU memory while the
+"""A start that dies of vLLM's profiling race (`PROFILING_RACE`: a neighbour freed GPU memory while the
 server measured, as several evaluations or sweep workers on one GPU do) is tried once more."""
 RETRY_PAUSE_S = 5.0
 GENERIC_FAILURES = ("Engine core initialization failed",)
 """vLLM's last words when its engine process died: the root cause is logged above them."""
 LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*(?:ERROR \S+ \S+ \[[^\]]+\]\s*)?")
 """vLLM's per-process prefix on log lines: "(EngineCore pid=13318) ERROR 12-01 06:43:13 [core.py:1330] "."""
+
+
+def vllm_unavailable() -> str | None:
+    """Why a judge cannot be served by vLLM here, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "there is no CUDA device"
+    if importlib.util.find_spec("vllm") is None:
+        return "the vllm package is not installed (pip install -e '.[vllm]')"
+    return None
+
+
+def gpu_memory_share(variable: str, default: float, what: str = "vLLM") -> float:
+    """A share of the GPU's memory from environment variable `variable` (in (0, 1]), else `default`; a bad value
+    is one line naming the variable."""
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise HarnessError(f"{variable}={raw!r}: give the share of GPU memory {what} may use, in (0, 1]")
+    return value
 
 
 def root_cause(log: str) -> str:

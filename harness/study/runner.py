@@ -21,13 +21,12 @@ from harness.config import ExperimentConfig, config_hash
 from harness.errors import HarnessError
 from harness.training.fast_training import fast_training_unavailable
 from harness.evals.benchmarks import EvaluationSetup
-from harness.evals.state import ModelState, StateEvaluator
+from harness.evals.state import StateEvaluator
 from harness.evals.scoring import refusal_judge
 from harness.judges.validation import headline_judge, latest_validation, validation_tags
 from harness.judges.registry import JudgeModels, build_judge
 from harness.training.methods import training_method, training_set_key
 from harness.generation.cache import GenerationCache, file_digest
-from harness.generation.engines import resolve_engine
 from harness.generation.fast import unsupported_reason as fast_generation_unsupported
 from harness.evals.metrics import task_metrics
 from harness.models import (load_adapter, load_model, merge_for_evaluation, model_digest, resolve_model,
@@ -168,11 +167,9 @@ class ExperimentRunner:
         self.model_source = resolve_model(cfg.model)
         self.eval_model, self.tokenizer = load_model(cfg.model, quantize_4bit=cfg.train.quantize_4bit)
         self.cache = GenerationCache(Path(cfg.output_dir) / "cache" / "generations.sqlite") if cfg.eval.cache else None
-        # A judge model is loaded (or its vLLM server started) now: bad ones fail early. Where the evaluation
-        # generates with vLLM, judges that write their answer are served by vLLM too (judges/vllm_server.py).
-        judge_models = JudgeModels(cfg.eval.batch_size, self.cache,
-                                   serve_generation=resolve_engine(cfg.eval.engine, quantized=cfg.train.quantize_4bit)
-                                   == "vllm", server_log_dir=Path(cfg.output_dir) / "logs")
+        # A judge model is loaded (or, for a judge with `engine: vllm`, its vLLM server started, judges/vllm_server.py)
+        # now: bad ones fail early.
+        judge_models = JudgeModels(cfg.eval.batch_size, self.cache, server_log_dir=Path(cfg.output_dir) / "logs")
         self.judges = [build_judge(settings, judge_models) for settings in cfg.eval.judges]
         # Over-refusal is judged once per refusal family (keyword detection serves every harm judge).
         self.refusal_judges = list({judge.name: judge for judge in map(refusal_judge, self.judges)}.values())
@@ -421,19 +418,13 @@ class ExperimentRunner:
                 gc.collect()
 
         @contextmanager
-        def served_adapter():
-            """The same state for an adapter-serving engine (vLLM): the adapter's directory (harness/evals/state.py,
-            ModelState)."""
-            yield adapter_state(), adapter_path
-
-        @contextmanager
         def with_prompt():
             prompt = soft_prompt()
             with adapter() as (model, state):
                 yield (promot.SoftPromptedLM(model, prompt.embeddings, trainable=False),
                        f"{state}+prompt:{promot.tensor_digest(prompt.embeddings)}")
 
-        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], ModelState(adapter, served_adapter))
+        self.evaluate(run_id, ckpt_unit, ckpt_tags, (method, key, seed, epoch), [key], adapter)
         if soft_prompt() is not None:
             self.evaluate(run_id, {**ckpt_unit, "soft_prompt": True}, {**ckpt_tags, "soft_prompt": True},
                           (f"{method}+prompt", key, seed, epoch), [key], with_prompt)
@@ -448,12 +439,6 @@ class ExperimentRunner:
         @contextmanager
         def base_model():
             yield self.eval_model, self.base_state()
-
-        @contextmanager
-        def base_served():  # an adapter-serving engine holds the base model: no adapter
-            yield self.base_state(), None
-
-        base_model = ModelState(base_model, base_served)
 
         if done is not None:
             self.evaluate(done.info.run_id, unit, tags, ("base", "-", None, 0), cfg.data.formats, base_model)

@@ -58,7 +58,7 @@ class Unit:
     timing: str
     """Which finished runs time it: `kind` plus method, stage, benchmark or judge (see `timing_key`)."""
     hashes: tuple[str, ...] = ()
-    """Its identities (`harness.config_hash`; a generation has one per engine that may make it); none: unknown."""
+    """Its identities (`harness.config_hash`); none: unknown."""
     generation_hashes: tuple[str, ...] = ()
     """Evaluations: the generation they score (with `label`, the judge or format, they are matched by it)."""
     label: str | None = None
@@ -151,12 +151,9 @@ class Planner:
         judges = [SimpleNamespace(name=judge.name, version="?") for judge in cfg.eval.judges]
         refusal = dict.fromkeys(j.name if j.name in OWN_REFUSAL_JUDGES else "keyword" for j in judges)
         toxicity = SimpleNamespace(name="?", version="?") if cfg.eval.toxicity is not None else None
-        # Planning needs no engine: the config's is not resolved (an explicit vllm is refused on a host without it).
-        plan_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"engine": "hf"})})
-        setup = EvaluationSetup(plan_cfg, self.runner.data, judges,
+        setup = EvaluationSetup(cfg, self.runner.data, judges,
                                 [SimpleNamespace(name=name, version="?") for name in refusal], toxicity=toxicity)
         self.evaluator = StateEvaluator(_NoStore(), setup, tokenizer=None)
-        self.engines = [{"engine": "hf"}, {"engine": "vllm"}]
         self.units: list[Unit] = []
 
     def study(self) -> list[Unit]:
@@ -228,14 +225,11 @@ class Planner:
             return json.loads(Path(self.client.download_artifacts(run.info.run_id, "config.json", folder)).read_text())
 
     def states(self, name: str, state_id: str | None, tags: dict, score_formats: list[str]) -> None:
-        """A model state's generations and evaluations, as `StateEvaluator.plan` lays them out. A generation's
-        identity names its engine (HF, or vLLM where the study's engine could take the state), so each is planned
-        under both and matched by either."""
-        plans = [self.evaluator.plan("", {}, tags, state_id=state_id or "unknown", score_formats=score_formats, **kw)
-                 for kw in self.engines]
-        for generations in zip(*plans):
-            hashes = tuple(dict.fromkeys(g.config_hash for g in generations)) if state_id else ()
-            generation, benchmark = generations[0], generations[0].benchmark.name
+        """A model state's generations and evaluations, as `StateEvaluator.plan` lays them out."""
+        for generation in self.evaluator.plan("", {}, tags, state_id=state_id or "unknown",
+                                              score_formats=score_formats):
+            hashes = (generation.config_hash,) if state_id else ()
+            benchmark = generation.benchmark.name
             self.add(Kind.GENERATION, f"{name} {benchmark} {generation.suffix}", hashes, f"generation {benchmark}")
             for planned in generation.evaluations:
                 label = planned.scoring.label

@@ -288,7 +288,8 @@ def test_a_full_disk_is_one_line(capsys):
     )
 
 
-def test_gpu_out_of_memory_is_one_line_naming_what_to_lower_and_vllms_shares_when_it_runs(capsys, monkeypatch):
+def test_gpu_out_of_memory_is_one_line_naming_what_to_lower_and_a_judge_servers_share_when_one_runs(capsys,
+                                                                                                     monkeypatch):
     import sys
     import types
 
@@ -301,17 +302,20 @@ def test_gpu_out_of_memory_is_one_line_naming_what_to_lower_and_vllms_shares_whe
     def command():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.delitem(sys.modules, "harness.judges.vllm_server", raising=False)
     with pytest.raises(typer.Exit):
         command()
     alone = capsys.readouterr().err
     assert alone.startswith("error: GPU out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower "
                             "eval.batch_size, or for training train.batch_size") and alone.count("\n") == 1
-    assert "HARNESS_VLLM_GPU_MEMORY" not in alone
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # an engine is running in this process
+    assert "HARNESS_VLLM_JUDGE_GPU_MEMORY" not in alone
+    # a judge may be served by vLLM in this process
+    monkeypatch.setitem(sys.modules, "harness.judges.vllm_server", types.ModuleType("harness.judges.vllm_server"))
     with pytest.raises(typer.Exit):
         command()
-    assert "lower those, or set eval.engine: hf" in capsys.readouterr().err
+    served = capsys.readouterr().err
+    assert "server holds HARNESS_VLLM_JUDGE_GPU_MEMORY of the GPU: lower it, or set the judge's engine: hf" in served
+    assert served.count("\n") == 1
 
 
 def test_a_replaced_attempt_takes_its_finished_children_with_it(tracker):

@@ -41,7 +41,7 @@ def write_config(tmp_path, runtime_yaml: str):
 def test_defaults_are_the_settings_used_before_the_section_existed():
     assert RuntimeConfig().model_dump() == {"promot_precision": "fp32", "promot_attention": "sdpa",
                                             "promot_micro_batch": None, "fast_training": True,
-                                            "fast_generation": True, "vllm_eager": False}
+                                            "fast_generation": True}
     assert parse_config({"name": "x", "model": "m"}).runtime == RuntimeConfig()
     assert runtime.current() == runtime.Runtime()  # nothing activated, nothing in the environment
     tags = runtime.current().tags()
@@ -74,16 +74,14 @@ def test_environment_overrides_the_config_and_is_recorded(monkeypatch):
     monkeypatch.setenv("HARNESS_PROMOT_PRECISION", "fp32")
     monkeypatch.setenv("HARNESS_FAST_TRAINING", "No")
     monkeypatch.setenv("HARNESS_PROMOT_ATTENTION", "")  # empty is unset, as before
-    monkeypatch.setenv("HARNESS_VLLM_EAGER", "yes")
     resolved = runtime.resolve(settings)
-    assert resolved.vllm_eager is True
     assert (resolved.promot_precision, resolved.fast_training) == ("fp32", False)  # from the environment
     assert (resolved.promot_micro_batch, resolved.fast_generation, resolved.promot_attention) == (4, False, "sdpa")
     tags = resolved.tags()
-    assert tags[Tag.RUNTIME_OVERRIDES.key] == "HARNESS_PROMOT_PRECISION,HARNESS_FAST_TRAINING,HARNESS_VLLM_EAGER"
+    assert tags[Tag.RUNTIME_OVERRIDES.key] == "HARNESS_PROMOT_PRECISION,HARNESS_FAST_TRAINING"
     assert json.loads(tags[Tag.RUNTIME.key]) == {"promot_precision": "fp32", "promot_attention": "sdpa",
                                                  "promot_micro_batch": 4, "fast_training": False,
-                                                 "fast_generation": False, "vllm_eager": True}
+                                                 "fast_generation": False}
     assert tags[Tag.PROMOT_MICRO_BATCH.key] == "4"
     assert tags[Tag.FAST_TRAINING.key] == "off: switched off by HARNESS_FAST_TRAINING"
     assert tags[Tag.FAST_GENERATION.key] == "off: switched off by runtime.fast_generation"
