@@ -22,6 +22,7 @@
 #     Phase 1's training lane evaluated on HF's plain path beside two QLoRA processes: 572 s for the SFT arms.
 #     bash scripts/gpu-one-h200.sh wait N [phase1|all]   follow the logs for up to N seconds
 #     bash scripts/gpu-one-h200.sh pack     results, logs, the store and the generations into $OUT
+#     Its vLLM steps ran at 7c6a01f; `eval.engine: vllm` and HARNESS_VLLM_EAGER were removed at e70d207 (issue 22).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export work=${WORK:-/root/work}

@@ -22,6 +22,10 @@
 #           Expect the device time to end during step 4 or 5: pack after each wait.
 #     bash scripts/gpu-vllm-one.sh wait N    follow the logs for up to N seconds
 #     bash scripts/gpu-vllm-one.sh pack      results, logs, the store and the generations into $OUT
+#     As run on 2026-12-01 (third session, at 2142397; benchmarks/h200-study-a/): steps 1-3 finished, step 4 was packed
+#     after 6 of its 7 states, step 5 never ran. Issue 22 then removed `eval.engine: vllm` (e70d207), so steps 2-3
+#     and 5 no longer run on later commits: a served judge is now `judges[].engine: vllm`, the start-up and
+#     multi-LoRA arms are gone from vllm_workload.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export work=${WORK:-/root/work}

@@ -17,6 +17,7 @@
 #        for its cache, since it counts what neighbours allocate while it profiles; one process per GPU is the rule.)
 #     bash scripts/gpu-vllm.sh wait N    follow the logs for up to N seconds
 #     bash scripts/gpu-vllm.sh pack      results, logs and the store into $OUT
+#     Ran at 875a3d0; `eval.engine: vllm`, HARNESS_VLLM_EAGER and the multilora arm were removed at e70d207 (issue 22).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export work=${WORK:-/root/work}
