@@ -252,13 +252,15 @@ def test_every_shipped_experiment_prepares_its_data_or_names_its_hub_only_datase
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says (CI's)")
 def test_what_needs_a_gpu_is_checked_before_a_run(tmp_path):
     """QLoRA's 4-bit loading would stop the run at once without CUDA: `check` says so first, naming the field; 8-bit
-    AdamW falls back (the run's tag records it) and the engine `eval.engine` resolves to here is said."""
+    AdamW falls back (the run's tag records it); a judge served by vLLM needs CUDA and the vllm package."""
     eight_bit = write_config(tmp_path, train={"optimizer": "adamw_bnb_8bit"})
     result = invoke("check", eight_bit)
     assert result.exit_code == 0, result.output
     assert "ok    gpu: train.optimizer adamw_bnb_8bit: runs as adamw_torch (adamw_bnb_8bit requested; fallback: no " \
            "CUDA)" in result.output
-    assert "ok    gpu: eval.engine auto: generates with hf here" in result.output
+    served = write_config(tmp_path, eval={"judges": [{"name": "strongreject", "model": ALIAS, "engine": "vllm"}]})
+    assert_one_line_error(invoke("check", served), "gpu: eval.judges (strongreject): engine: vllm cannot run here",
+                          "no CUDA device", "set engine: hf")
     qlora = write_config(tmp_path, train={"quantize_4bit": True}, output_dir=str(tmp_path / "outputs"),
                          tracking={"uri": f"sqlite:///{tmp_path / 'store.db'}"})
     assert_one_line_error(invoke("check", qlora), "gpu: train.quantize_4bit needs CUDA and bitsandbytes",
