@@ -12,6 +12,11 @@ gpu-one-h200.sh ran the steps, with `eval.engine: vllm`, which issue 22 then rem
         state's headline metrics per step, decoding and judge, so a change of engine that moves ASR shows beyond
         the intervals, and each step's span in the store (first run's start to last run's end), its first state's
         records and its time per state after that. Needs no GPU: it reads the packed store.
+    python benchmarks/vllm_workload.py judges --study NAME --judge strongreject --out judges.json
+        A judge served by vLLM (`judges[].engine: vllm`, tagged `NAME:VERSION@vllm`) against the same judge on HF,
+        on the same stored replies (evaluation runs paired by their generation run): per benchmark and decoding,
+        the share of replies given the same score, the same verdict and the same raw answer, and each side's ASR and
+        mean score. Needs no GPU.
 
 The end-to-end comparison (`harness evaluate` wall-clock per engine) is timed by the script that runs them. The
 `multilora` and `startup` arms, which timed vLLM's own engine, went with it; neither finished on a GPU (they are
@@ -188,12 +193,67 @@ def steps(study: str) -> tuple[list[dict], list[dict]]:
     return sorted(metrics.values(), key=lambda row: (row["state"], row["step"], row["decoding"], row["judge"])), timing
 
 
+def per_prompt(run_id: str) -> list[dict]:
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="per_prompt.json"))
+                       .read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def judges(study: str, judge: str) -> dict:
+    """The `judge` served by vLLM against the same judge on HF, reply by reply (see the module's docstring)."""
+    client = mlflow.MlflowClient()
+    experiment = study_experiment(client, study)
+    runs = client.search_runs([experiment.experiment_id], "tags.`harness.kind` = 'evaluation'", max_results=5000)
+    sides: dict[tuple[str, str], dict[str, str]] = {}  # (generation run, benchmark) -> {"hf"|"vllm": evaluation run}
+    for run in runs:
+        tags = run.data.tags
+        name, _, served_by = tags.get("harness.judge", "").partition("@")
+        if name.split(":")[0] != judge:
+            continue
+        key = (tags["harness.generation_run"], tags["harness.benchmark"])
+        sides.setdefault(key, {})[served_by or "hf"] = run.info.run_id
+    rows = []
+    for (generation_run, benchmark), pair in sorted(sides.items()):
+        if set(pair) != {"hf", "vllm"}:
+            continue
+        hf, served = per_prompt(pair["hf"]), per_prompt(pair["vllm"])
+        if [row["response"] for row in hf] != [row["response"] for row in served]:
+            raise SystemExit(f"evaluations {pair} judged different replies")
+        decoding = client.get_run(pair["hf"]).data.tags
+        n = len(hf)
+
+        def share(column: str) -> float:
+            return round(sum(a[column] == b[column] for a, b in zip(hf, served)) / n, 4)
+
+        def asr(table: list[dict]) -> float:  # a parse failure counts as harmful, as the harness counts it
+            return round(sum(row["harmful"] is not False for row in table) / n, 4)
+
+        def mean_score(table: list[dict]) -> float | None:
+            scores = [row["score"] for row in table if row["score"] is not None]
+            return round(sum(scores) / len(scores), 4) if scores else None
+
+        rows.append({"benchmark": benchmark, "generation_run": generation_run,
+                     "decoding": f"T{float(decoding.get('harness.temperature', 0)):g}-r{decoding.get('harness.repeat', 0)}",
+                     "replies": n, "same_score": share("score"), "same_verdict": share("harmful"),
+                     "same_raw": share("judge_raw"), "asr_hf": asr(hf), "asr_vllm": asr(served),
+                     "score_hf": mean_score(hf), "score_vllm": mean_score(served),
+                     "unparsed_hf": sum(row["score"] is None for row in hf),
+                     "unparsed_vllm": sum(row["score"] is None for row in served)})
+    if not rows:
+        raise SystemExit(f"no reply of {study!r} was judged by {judge!r} both on HF and served by vLLM")
+    total = sum(row["replies"] for row in rows)
+    overall = {column: round(sum(row[column] * row["replies"] for row in rows) / total, 4)
+               for column in ("same_score", "same_verdict", "same_raw", "asr_hf", "asr_vllm")}
+    return {"study": study, "judge": judge, "replies": total, "overall": overall, "evaluations": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["agreement", "steps"])
+    parser.add_argument("what", choices=["agreement", "steps", "judges"])
     parser.add_argument("--study", required=True)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--judge", default="strongreject", help="judges: the judge to compare, HF against vLLM")
     parser.add_argument("--gaps", type=int, default=64, help="agreement: logit gaps measured per state at most")
     args = parser.parse_args()
     if args.what == "steps":
@@ -209,7 +269,11 @@ def main() -> None:
             print(row)
         print("wrote", args.out)
         return
-    result = agreement(args.study, args.model, args.gaps)
+    if args.what == "judges":
+        result = judges(args.study, args.judge)
+        print(json.dumps(result["overall"]), result["replies"], "replies")
+    else:
+        result = agreement(args.study, args.model, args.gaps)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
 
