@@ -151,9 +151,16 @@ class JudgeServer:
         """Launch the server and wait for `/health`. A start that dies of vLLM's profiling race is tried once more
         (START_ATTEMPTS); any other death is one line with its root cause and the log's path."""
         atexit.register(self.close)
+        # vLLM's start (weights, torch.compile, CUDA graphs) took 110 s for a 1.5B judge on an H200: say so, or the
+        # study's progress line looks stuck.
+        print(f"starting vLLM's server for the judge model {self.served_name!r} (a minute or two; log: "
+              f"{self.log_path})", file=sys.stderr, flush=True)
+        started = time.monotonic()
         for attempt in range(1, START_ATTEMPTS + 1):
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             if self.launch_and_wait():
+                print(f"the judge server for {self.served_name!r} is ready after {time.monotonic() - started:.0f} s",
+                      file=sys.stderr, flush=True)
                 return self
             this_start = self.log_text(offset)
             if attempt < START_ATTEMPTS and PROFILING_RACE in this_start:
