@@ -14,6 +14,9 @@
 #     bash scripts/gpu-judge-served.sh wait N   follow the logs for up to N seconds
 #     bash scripts/gpu-judge-served.sh pack     timings, logs, configs, the store, and the two judges compared reply by
 #                                               reply (benchmarks/vllm_workload.py judges)
+#     As run on 2026-12-02 at 3b13682 (benchmarks/h200-judge-served/, RESULTS.md "A judge served by vLLM"): every step
+#     finished in 7.8 min on the GPU, after 26 staged folders and a 164 s setup. `pack` leaves the per-reply judge
+#     answers (the evaluations' per_prompt.json) on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export work=${WORK:-/root/work}
