@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.."
 bash scripts/gpu-install-wheels.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site \
     /root/stage/out/typing_extensions-*.whl 2>&1 | tail -2
-export PYTHONPATH=/root/site:$PWD/.oldharness HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/root/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_NO_USAGE_STATS=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 # The 8B's command with the 1B's best plain batch on this mix (1,024: benchmarks/RESULTS.md, H100 table) and twice
 # the prompts, so every path fills that batch twice.
+cd .oldharness  # `python -m` puts the current folder first: the old package, not this checkout's
 python3 -m harness.cli.main bench --model llama-3.2-1b --prompts 2048 --batch 1024 --max-new-tokens 256 \
     --decoding both --vllm --json "$OUT/bench-1b.json" 2>&1 | tr '\r' '\n' | grep -av "it/s\]$" | tail -40
