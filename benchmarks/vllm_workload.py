@@ -31,6 +31,7 @@ from pathlib import Path
 
 import mlflow
 
+from harness.analysis.consistency import per_prompt_values
 from harness.bench import explain_difference
 from harness.generation.batched import prompt_ids, prompt_text
 from harness.models import load_adapter, load_model, unload_adapter
@@ -61,6 +62,15 @@ def study_states(client, study: str) -> list[dict]:
     return states
 
 
+def stored_table(run_id: str, artifact: str) -> dict:
+    """A run's logged table artifact (`generations.json`, `per_prompt.json`) as MLflow wrote it: columns and data."""
+    return json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)).read_text())
+
+
+def table_rows(table: dict) -> list[dict]:
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
 def greedy_generations(client, state: dict) -> dict[tuple[str, str, str], tuple[list[str], list[str]]]:
     """(engine, benchmark, eval seed) -> (prompts, replies) of the state's greedy generation runs."""
     runs = client.search_runs([state["experiment_id"]],
@@ -68,9 +78,7 @@ def greedy_generations(client, state: dict) -> dict[tuple[str, str, str], tuple[
                               "and tags.`harness.temperature` = '0.0'", max_results=1000)
     found = {}
     for run in runs:
-        table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                                    artifact_path="generations.json")).read_text())
-        rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+        rows = table_rows(stored_table(run.info.run_id, "generations.json"))
         key = (run.data.tags.get("harness.engine", "hf"), run.data.tags["harness.benchmark"],
                run.data.params.get("seed_eval", "?"))
         found[key] = ([row["prompt"] for row in rows], [row["response"] for row in rows])
@@ -193,49 +201,43 @@ def steps(study: str) -> tuple[list[dict], list[dict]]:
     return sorted(metrics.values(), key=lambda row: (row["state"], row["step"], row["decoding"], row["judge"])), timing
 
 
-def per_prompt(run_id: str) -> list[dict]:
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="per_prompt.json"))
-                       .read_text())
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
-
-
 def judges(study: str, judge: str) -> dict:
     """The `judge` served by vLLM against the same judge on HF, reply by reply (see the module's docstring)."""
     client = mlflow.MlflowClient()
     experiment = study_experiment(client, study)
     runs = client.search_runs([experiment.experiment_id], "tags.`harness.kind` = 'evaluation'", max_results=5000)
-    sides: dict[tuple[str, str], dict[str, str]] = {}  # (generation run, benchmark) -> {"hf"|"vllm": evaluation run}
+    sides: dict[tuple[str, str], dict] = {}  # (generation run, benchmark) -> {"hf"|"vllm": evaluation run}
     for run in runs:
         tags = run.data.tags
         name, _, served_by = tags.get("harness.judge", "").partition("@")
         if name.split(":")[0] != judge:
             continue
         key = (tags["harness.generation_run"], tags["harness.benchmark"])
-        sides.setdefault(key, {})[served_by or "hf"] = run.info.run_id
+        sides.setdefault(key, {})[served_by or "hf"] = run
     rows = []
     for (generation_run, benchmark), pair in sorted(sides.items()):
         if set(pair) != {"hf", "vllm"}:
             continue
-        hf, served = per_prompt(pair["hf"]), per_prompt(pair["vllm"])
+        tables = {side: stored_table(run.info.run_id, "per_prompt.json") for side, run in pair.items()}
+        hf, served = table_rows(tables["hf"]), table_rows(tables["vllm"])
         if [row["response"] for row in hf] != [row["response"] for row in served]:
-            raise SystemExit(f"evaluations {pair} judged different replies")
-        decoding = client.get_run(pair["hf"]).data.tags
-        n = len(hf)
+            raise SystemExit(f"evaluations {[run.info.run_id for run in pair.values()]} judged different replies")
+        tags, n = pair["hf"].data.tags, len(hf)
 
         def share(column: str) -> float:
             return round(sum(a[column] == b[column] for a, b in zip(hf, served)) / n, 4)
 
-        def asr(table: list[dict]) -> float:  # a parse failure counts as harmful, as the harness counts it
-            return round(sum(row["harmful"] is not False for row in table) / n, 4)
+        def asr(side: str) -> float:  # the harness's own per-prompt rule: a parse failure counts as harmful
+            return round(float(per_prompt_values(tables[side], Metric.ASR)[1].mean()), 4)
 
         def mean_score(table: list[dict]) -> float | None:
             scores = [row["score"] for row in table if row["score"] is not None]
             return round(sum(scores) / len(scores), 4) if scores else None
 
         rows.append({"benchmark": benchmark, "generation_run": generation_run,
-                     "decoding": f"T{float(decoding.get('harness.temperature', 0)):g}-r{decoding.get('harness.repeat', 0)}",
+                     "decoding": f"T{float(tags.get('harness.temperature', 0)):g}-r{tags.get('harness.repeat', 0)}",
                      "replies": n, "same_score": share("score"), "same_verdict": share("harmful"),
-                     "same_raw": share("judge_raw"), "asr_hf": asr(hf), "asr_vllm": asr(served),
+                     "same_raw": share("judge_raw"), "asr_hf": asr("hf"), "asr_vllm": asr("vllm"),
                      "score_hf": mean_score(hf), "score_vllm": mean_score(served),
                      "unparsed_hf": sum(row["score"] is None for row in hf),
                      "unparsed_vllm": sum(row["score"] is None for row in served)})
